@@ -1,0 +1,238 @@
+//! The device behind the server: one trait, two implementations.
+//!
+//! - [`emulated`]: a CPU device (memory in a fixed host arena, streams and events with CUDA's ordering semantics,
+//!   kernels run by the PTX interpreter of the `devproxy-ptx` crate). Used here and in CI.
+//! - [`cuda`]: the real driver through cudarc's `driver::sys` (VMM arena, page-locked staging).
+//!
+//! The server owns one backend per device and shares it among its sessions; a session owns a backend *context*
+//! ([`CtxId`]) and the streams, events and modules it creates in it. Every id a backend returns is backend-local;
+//! the server maps them to the virtual [`Handle`](crate::protocol::Handle)s clients see, so a restored session can
+//! get new backend ids behind the same handles.
+//!
+//! Ordering: enqueue-type operations (copies, memsets, launches, event records, stream waits) only enqueue and return;
+//! their failures surface from the next operation that observes completion of that stream (synchronize, query,
+//! event synchronize), as on a GPU. Device pointers are plain `u64` addresses inside the arena
+//! ([`DeviceInfo::arena_base`](crate::protocol::DeviceInfo)); the backend never hands out memory outside it.
+
+pub mod cuda;
+pub mod emulated;
+
+use crate::protocol::{CuError, DeviceInfo, ParamSlot};
+use std::sync::Arc;
+
+/// Result of a backend operation.
+pub type BResult<T> = Result<T, CuError>;
+
+/// A backend context (one per session).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtxId(pub u64);
+/// A backend stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+/// A backend event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub u64);
+/// A backend module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleId(pub u64);
+/// A backend function (kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FuncId(pub u64);
+
+/// A span of host memory the server can read or write: either transient (staging, inline request bytes) or
+/// page-locked memory shared with the client (the segment's pinned area).
+#[derive(Clone, Copy, Debug)]
+pub struct HostSpan {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: a HostSpan is a plain address range; whoever builds one guarantees (see `HostRef`) that the memory stays
+// mapped for as long as the backend may touch it, and data races on it are the application's business, as with
+// real page-locked memory a GPU reads by DMA.
+unsafe impl Send for HostSpan {}
+// SAFETY: see `Send` above; the span itself is immutable.
+unsafe impl Sync for HostSpan {}
+
+/// How a host-side span may be used by an enqueued copy.
+#[derive(Clone, Copy, Debug)]
+pub enum HostRef {
+    /// Valid only during the call: the backend must have read (host-to-device) or must not write (device-to-host)
+    /// it after returning, so it copies the bytes out before returning (host-to-device). For device-to-host into a
+    /// transient span, the caller synchronizes the stream before the call returns (the backend's
+    /// `memcpy_dtoh` with a transient span waits for the stream itself).
+    Transient(HostSpan),
+    /// Page-locked memory shared with the client: read or written when the copy executes, in stream order. It stays
+    /// mapped until the session's streams are destroyed.
+    Pinned(HostSpan),
+}
+
+impl HostRef {
+    pub fn span(&self) -> HostSpan {
+        match *self {
+            HostRef::Transient(s) | HostRef::Pinned(s) => s,
+        }
+    }
+}
+
+/// A kernel parameter layout and what the launch needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FuncLayout {
+    pub params: Vec<ParamSlot>,
+    pub params_bytes: u32,
+}
+
+/// A module-scope variable, for checkpoints (its bytes are saved and written back after the module is reloaded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalSym {
+    pub name: String,
+    pub ptr: u64,
+    pub bytes: u64,
+}
+
+/// A device as the server drives it. Implementations are shared by all sessions of a server (`Arc<dyn Backend>`).
+pub trait Backend: Send + Sync {
+    /// The device's description, cached by clients at attach.
+    fn info(&self) -> &DeviceInfo;
+
+    // ---- contexts ----
+    /// A new context for one session, with its own legacy default stream.
+    fn context_create(&self) -> BResult<CtxId>;
+    /// Destroys a context after the server destroyed its streams, events and modules.
+    fn context_destroy(&self, ctx: CtxId) -> BResult<()>;
+    /// The context's legacy default stream (`Handle::NULL` on the client side).
+    fn default_stream(&self, ctx: CtxId) -> StreamId;
+    /// Waits for all work of the context (all its streams).
+    fn context_synchronize(&self, ctx: CtxId) -> BResult<()>;
+
+    // ---- memory: addresses inside the arena ----
+    fn mem_alloc(&self, bytes: u64) -> BResult<u64>;
+    /// Allocates exactly `[addr, addr + bytes)` (restore); fails if any of it is taken.
+    fn mem_alloc_at(&self, addr: u64, bytes: u64) -> BResult<()>;
+    fn mem_free(&self, addr: u64) -> BResult<()>;
+    /// (free, total) bytes.
+    fn mem_info(&self) -> (u64, u64);
+
+    // ---- streams ----
+    fn stream_create(&self, ctx: CtxId, flags: u32, priority: i32) -> BResult<StreamId>;
+    /// Destroys a stream once its pending work is done (may wait for it).
+    fn stream_destroy(&self, stream: StreamId) -> BResult<()>;
+    /// Waits for the stream's work; returns the first error of that work since the last observation.
+    fn stream_synchronize(&self, stream: StreamId) -> BResult<()>;
+    /// `Ok(true)` when all work is done, `Ok(false)` while some is pending; errors as synchronize.
+    fn stream_query(&self, stream: StreamId) -> BResult<bool>;
+    /// Later work on `stream` waits for the event's last record.
+    fn stream_wait_event(&self, stream: StreamId, event: EventId, flags: u32) -> BResult<()>;
+
+    // ---- events ----
+    fn event_create(&self, ctx: CtxId, flags: u32) -> BResult<EventId>;
+    fn event_record(&self, event: EventId, stream: StreamId) -> BResult<()>;
+    fn event_synchronize(&self, event: EventId) -> BResult<()>;
+    fn event_query(&self, event: EventId) -> BResult<bool>;
+    /// Milliseconds between two completed records.
+    fn event_elapsed(&self, start: EventId, end: EventId) -> BResult<f32>;
+    fn event_destroy(&self, event: EventId) -> BResult<()>;
+
+    // ---- copies and memsets (enqueue on `stream`) ----
+    fn memcpy_htod(&self, dst: u64, src: HostRef, stream: StreamId) -> BResult<()>;
+    /// With a `Transient` destination the call waits until the bytes are there.
+    fn memcpy_dtoh(&self, dst: HostRef, src: u64, stream: StreamId) -> BResult<()>;
+    fn memcpy_dtod(&self, dst: u64, src: u64, bytes: u64, stream: StreamId) -> BResult<()>;
+    /// `count` elements of `elem_bytes` (1, 2 or 4) set to the low bytes of `value`.
+    fn memset(&self, dst: u64, value: u32, elem_bytes: u8, count: u64, stream: StreamId) -> BResult<()>;
+
+    // ---- modules and kernels ----
+    /// Loads an image (PTX text, NUL-terminated or not; the cuda backend also takes cubin/fatbin).
+    fn module_load(&self, ctx: CtxId, image: &[u8]) -> BResult<ModuleId>;
+    fn module_unload(&self, module: ModuleId) -> BResult<()>;
+    fn module_function(&self, module: ModuleId, name: &str) -> BResult<(FuncId, FuncLayout)>;
+    /// (device pointer, bytes) of a module-scope variable.
+    fn module_global(&self, module: ModuleId, name: &str) -> BResult<(u64, u64)>;
+    /// All module-scope variables, for checkpoints.
+    fn module_globals(&self, module: ModuleId) -> BResult<Vec<GlobalSym>>;
+    fn func_get_attribute(&self, func: FuncId, attr: i32) -> BResult<i32>;
+    fn func_set_attribute(&self, func: FuncId, attr: i32, value: i32) -> BResult<()>;
+    /// Enqueues a launch; `params` is the packed buffer laid out per the function's [`FuncLayout`].
+    fn launch(
+        &self,
+        func: FuncId,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        stream: StreamId,
+        params: &[u8],
+    ) -> BResult<()>;
+
+    // ---- host memory shared with clients ----
+    /// Page-locks a span of the server's mapping of a session segment (staging, pinned area) so copies from/to it are
+    /// DMA. Called once per span per session, before any copy uses it. The emulated backend has nothing to do.
+    fn host_register(&self, span: HostSpan) -> BResult<()> {
+        let _ = span;
+        Ok(())
+    }
+    /// Undoes [`Backend::host_register`] before the span is unmapped.
+    fn host_unregister(&self, span: HostSpan) -> BResult<()> {
+        let _ = span;
+        Ok(())
+    }
+
+    // ---- bulk access for checkpoint / restore (the device must be idle for the ranges touched) ----
+    /// Reads device memory synchronously. Implementations copy in large chunks at full speed.
+    fn read_device(&self, src: u64, dst: &mut [u8]) -> BResult<()>;
+    /// Writes device memory synchronously.
+    fn write_device(&self, dst: u64, src: &[u8]) -> BResult<()>;
+}
+
+/// Which backend to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cuda,
+    Emulated,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cuda" => Ok(BackendKind::Cuda),
+            "emulated" => Ok(BackendKind::Emulated),
+            other => Err(format!("unknown backend '{other}': use 'cuda' or 'emulated'")),
+        }
+    }
+}
+
+/// Options for creating a backend.
+#[derive(Clone, Debug)]
+pub struct BackendOptions {
+    pub device: u32,
+    /// Arena size in bytes; 0 = the backend's default (the device's memory size).
+    pub arena_bytes: u64,
+    /// Host threads the emulated device runs kernels on; 0 = available parallelism.
+    pub threads: usize,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions { device: 0, arena_bytes: 0, threads: 0 }
+    }
+}
+
+/// The fixed base of the device arena, the same in every server process so pointers survive restore
+/// (0x7e00_0000_0000 was honoured by cuMemAddressReserve on the H100 host, also in a fresh process).
+pub const ARENA_BASE: u64 = 0x7e00_0000_0000;
+
+/// Creates a backend of the given kind.
+pub fn create(kind: BackendKind, opts: &BackendOptions) -> Result<Arc<dyn Backend>, String> {
+    match kind {
+        BackendKind::Emulated => emulated::EmulatedBackend::new(opts).map(|b| Arc::new(b) as Arc<dyn Backend>),
+        BackendKind::Cuda => cuda::CudaBackend::new(opts).map(|b| Arc::new(b) as Arc<dyn Backend>),
+    }
+}
+
+/// The backend to use when none is named: `cuda` only where a driver and a GPU exist. Returns the kind and why.
+pub fn auto_detect() -> (BackendKind, String) {
+    match cuda::probe() {
+        Ok(desc) => (BackendKind::Cuda, format!("CUDA driver and GPU found: {desc}")),
+        Err(why) => (BackendKind::Emulated, format!("using the emulated device: {why}")),
+    }
+}
