@@ -1,1 +1,6 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = devproxy::cli::Cli::parse();
+    std::process::exit(devproxy::cli::main(cli));
+}

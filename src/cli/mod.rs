@@ -1,0 +1,359 @@
+//! The `devproxy` command line: `serve`, `run`, `ps`, and the state-moving commands (`checkpoint`, `restore`,
+//! `migrate`, `suspend`, `resume`, `inspect`) whose work lives in [`crate::checkpoint`].
+
+pub mod run;
+
+use crate::backend::{self, BackendKind, BackendOptions};
+use crate::control::{self, ControlReply, ControlRequest};
+use crate::server::{self, Server, ServerOptions};
+use crate::transport::SegmentLayout;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// devproxy: run unmodified CUDA programs against a device proxy that can checkpoint, restore and migrate them.
+#[derive(Parser, Debug)]
+#[command(name = "devproxy", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve one device: clients attach through the socket.
+    Serve {
+        /// `cuda` or `emulated`; default: cuda where a driver and a GPU exist, else emulated.
+        #[arg(long)]
+        backend: Option<BackendKind>,
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+        /// Socket path (default: $XDG_RUNTIME_DIR/devproxy/dev<N>.sock or /tmp/devproxy-<uid>/dev<N>.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Device arena size in GiB (emulated: host memory reserved lazily).
+        #[arg(long)]
+        arena_gib: Option<u64>,
+    },
+    /// Run a command with the shim in front of the CUDA driver.
+    Run {
+        /// Socket of a running server; without it an embedded server is started for this command.
+        #[arg(long)]
+        server: Option<PathBuf>,
+        #[arg(long)]
+        backend: Option<BackendKind>,
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// List sessions (processes) of the running servers.
+    Ps {
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
+    /// Write a process's device state to an image directory.
+    Checkpoint {
+        #[arg(long)]
+        server: Option<PathBuf>,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep the process paused at the barrier afterwards (preemption).
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Start a server that restores an image; the paused process re-attaches to it.
+    Restore {
+        dir: PathBuf,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        backend: Option<BackendKind>,
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+    },
+    /// Move a running process's device state to another server; the process continues there.
+    Migrate {
+        #[arg(long)]
+        server: Option<PathBuf>,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Move a process's device memory to host memory and free the device until `resume`.
+    Suspend {
+        #[arg(long)]
+        server: Option<PathBuf>,
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Continue a suspended or paused process.
+    Resume {
+        #[arg(long)]
+        server: Option<PathBuf>,
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Show what an image holds.
+    Inspect { dir: PathBuf },
+    /// Stop a server.
+    Shutdown {
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
+}
+
+/// Sets up logging to stderr; DEVPROXY_LOG (or RUST_LOG syntax) sets the level, default info.
+pub fn init_logging() {
+    let filter = std::env::var("DEVPROXY_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Picks and creates the backend, saying loudly which one runs.
+pub fn make_backend(
+    kind: Option<BackendKind>,
+    device: u32,
+    arena_gib: Option<u64>,
+) -> Result<std::sync::Arc<dyn backend::Backend>, String> {
+    let kind = match kind {
+        Some(k) => k,
+        None => {
+            let (k, why) = backend::auto_detect();
+            tracing::info!("{why}");
+            k
+        }
+    };
+    let opts = BackendOptions {
+        device,
+        arena_bytes: arena_gib.unwrap_or(0) << 30,
+        threads: 0,
+    };
+    let b = backend::create(kind, &opts)?;
+    let info = b.info();
+    tracing::info!(
+        "devproxy backend {}: device {} '{}', {} arena at {:#x}",
+        info.backend,
+        device,
+        info.name,
+        control::human_bytes(info.arena_bytes),
+        info.arena_base
+    );
+    if info.backend == "emulated" {
+        tracing::warn!(
+            "EMULATED device: kernels run on the CPU through the PTX interpreter, not on a GPU"
+        );
+    }
+    Ok(b)
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    init_logging();
+    let r = match cli.cmd {
+        Command::Serve {
+            backend,
+            device,
+            socket,
+            arena_gib,
+        } => serve(backend, device, socket, arena_gib),
+        Command::Run {
+            server,
+            backend,
+            device,
+            cmd,
+        } => return run::run(server, backend, device, cmd),
+        Command::Ps { server } => ps(server),
+        Command::Checkpoint {
+            server,
+            pid,
+            out,
+            stop,
+        } => {
+            let out = absolute(out);
+            state_cmd(
+                server,
+                pid,
+                ControlRequest::Checkpoint {
+                    pid,
+                    out: out.display().to_string(),
+                    stop,
+                },
+            )
+        }
+        Command::Migrate { server, pid, to } => state_cmd(
+            server,
+            pid,
+            ControlRequest::Migrate {
+                pid,
+                to: absolute(to).display().to_string(),
+            },
+        ),
+        Command::Suspend { server, pid } => state_cmd(server, pid, ControlRequest::Suspend { pid }),
+        Command::Resume { server, pid } => state_cmd(server, pid, ControlRequest::Resume { pid }),
+        Command::Restore {
+            dir,
+            socket,
+            backend,
+            device,
+        } => crate::checkpoint::restore_cmd(&dir, socket, backend, device),
+        Command::Inspect { dir } => crate::checkpoint::inspect_cmd(&dir),
+        Command::Shutdown { server } => shutdown(server),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("devproxy: error: {e}");
+            1
+        }
+    }
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// `devproxy serve`.
+pub fn serve(
+    kind: Option<BackendKind>,
+    device: u32,
+    socket: Option<PathBuf>,
+    arena_gib: Option<u64>,
+) -> Result<(), String> {
+    let b = make_backend(kind, device, arena_gib)?;
+    let socket = socket.unwrap_or_else(|| server::default_socket(device));
+    let srv = Server::new(
+        b,
+        ServerOptions {
+            socket: socket.clone(),
+            layout: SegmentLayout::from_env(),
+        },
+    );
+    install_signal_cleanup(&socket);
+    tracing::info!("listening on {}", socket.display());
+    srv.serve()
+}
+
+/// Removes the sockets on SIGINT/SIGTERM so a later server can bind the same path.
+fn install_signal_cleanup(socket: &std::path::Path) {
+    use std::sync::OnceLock;
+    static PATHS: OnceLock<(std::ffi::CString, std::ffi::CString)> = OnceLock::new();
+    let a = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let b = std::ffi::CString::new(server::control_path(socket).as_os_str().as_encoded_bytes())
+        .unwrap_or_default();
+    let _ = PATHS.set((a, b));
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some((a, b)) = PATHS.get() {
+            // SAFETY: unlink and _exit are async-signal-safe; the CStrings live in a static.
+            unsafe {
+                libc::unlink(a.as_ptr());
+                libc::unlink(b.as_ptr());
+                libc::_exit(0);
+            }
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn ps(server: Option<PathBuf>) -> Result<(), String> {
+    let servers = match server {
+        Some(s) => vec![s],
+        None => control::discover(),
+    };
+    if servers.is_empty() {
+        println!("no devproxy servers in {}", server::runtime_dir().display());
+        return Ok(());
+    }
+    for s in servers {
+        match control::request(&s, &ControlRequest::Ps, &mut |_, _| {})? {
+            ControlReply::Ps {
+                server_pid,
+                backend,
+                device,
+                sessions,
+            } => {
+                println!(
+                    "server {} (pid {server_pid}, {backend}: {device})",
+                    s.display()
+                );
+                println!(
+                    "  {:>7} {:>8} {:>12} {:>10}  {:<10} COMMAND",
+                    "SESSION", "PID", "DEVICE MEM", "CALLS", "STATE"
+                );
+                for r in sessions {
+                    println!(
+                        "  {:>7} {:>8} {:>12} {:>10}  {:<10} {}",
+                        r.session,
+                        r.pid,
+                        control::human_bytes(r.device_bytes),
+                        r.calls,
+                        r.state,
+                        r.command
+                    );
+                }
+            }
+            ControlReply::Err(e) => return Err(e),
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+fn shutdown(server: Option<PathBuf>) -> Result<(), String> {
+    let s = server.unwrap_or_else(|| server::default_socket(0));
+    match control::request(&s, &ControlRequest::Shutdown, &mut |_, _| {})? {
+        ControlReply::Ok(m) => {
+            println!("{m}");
+            Ok(())
+        }
+        ControlReply::Err(e) => Err(e),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Runs a state-moving control command with a progress line on a terminal and a summary at the end.
+fn state_cmd(server: Option<PathBuf>, pid: u32, req: ControlRequest) -> Result<(), String> {
+    use std::io::{IsTerminal, Write};
+    let srv = control::find_server_for_pid(server.as_deref(), pid)?;
+    let tty = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut progress = |done: u64, total: u64| {
+        if tty && total > 0 {
+            let pct = done as f64 * 100.0 / total as f64;
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e9;
+            eprint!(
+                "\r  {pct:5.1}%  {} of {}  {rate:.2} GB/s   ",
+                control::human_bytes(done),
+                control::human_bytes(total)
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let r = control::request(&srv, &req, &mut progress)?;
+    if tty {
+        eprint!("\r{:60}\r", "");
+    }
+    match r {
+        ControlReply::Done(summary) => {
+            println!("{summary}");
+            Ok(())
+        }
+        ControlReply::Ok(m) => {
+            println!("{m}");
+            Ok(())
+        }
+        ControlReply::Err(e) => Err(e),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}

@@ -1,0 +1,332 @@
+//! Executes one decoded [`Request`] of a session against the backend.
+//!
+//! This is the only `match` over the protocol's requests on the server side: adding a request variant fails to
+//! compile here until it is handled. Every input a client controls is checked before it reaches the backend:
+//! handles against the session table, device ranges against the session's allocations, staging and pinned offsets
+//! against the segment's bounds.
+
+use super::session::{Allocation, Object, SessionState};
+use crate::backend::{HostRef, HostSpan};
+use crate::protocol::{CuError, FuncInfo, HostDst, HostSrc, Reply, Request};
+use crate::transport::Segment;
+
+/// Pinned-area allocations are aligned like page-locked host allocations.
+const PINNED_ALIGN: u64 = 4096;
+
+fn span_in(base: *mut u8, area_bytes: u64, offset: u64, len: u64) -> Result<HostSpan, CuError> {
+    let end = offset.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
+    if end > area_bytes {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // Offsets were checked against the area, which is one mapping of `area_bytes`.
+    Ok(HostSpan {
+        ptr: base.wrapping_add(offset as usize),
+        len: len as usize,
+    })
+}
+
+fn staging(seg: &Segment, offset: u64, len: u64) -> Result<HostSpan, CuError> {
+    span_in(seg.staging_ptr(), seg.staging_bytes(), offset, len)
+}
+
+fn pinned(state: &SessionState, seg: &Segment, offset: u64, len: u64) -> Result<HostSpan, CuError> {
+    // The range must lie inside one pinned allocation of this session.
+    let end = offset.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
+    let ok = state
+        .pinned
+        .range(..=offset)
+        .next_back()
+        .is_some_and(|(base, bytes)| end <= base + bytes);
+    if !ok {
+        return Err(CuError::INVALID_VALUE);
+    }
+    span_in(seg.pinned_ptr(), seg.pinned_bytes(), offset, len)
+}
+
+/// First fit in the pinned area.
+fn pinned_alloc(state: &SessionState, area: u64, bytes: u64) -> Option<u64> {
+    let bytes = bytes.max(1).div_ceil(PINNED_ALIGN) * PINNED_ALIGN;
+    let mut cursor = 0u64;
+    for (&off, &len) in state.pinned.iter() {
+        if off >= cursor && off - cursor >= bytes {
+            return Some(cursor);
+        }
+        cursor = cursor.max((off + len).div_ceil(PINNED_ALIGN) * PINNED_ALIGN);
+    }
+    (area.checked_sub(cursor)? >= bytes).then_some(cursor)
+}
+
+/// Executes `req`. Returns the reply (ignored by the caller for fire-and-forget requests, whose errors it defers).
+pub fn execute(state: &mut SessionState, seg: &Segment, req: Request) -> Reply {
+    match run(state, seg, req) {
+        Ok(r) => r,
+        Err(e) => Reply::Err(e),
+    }
+}
+
+fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuError> {
+    let b = s.backend.clone();
+    Ok(match req {
+        Request::Invalid => return Err(CuError::INVALID_VALUE),
+        Request::GetLastError => Reply::Unit,
+        Request::MemAlloc { bytes } | Request::MemAllocAsync { bytes, .. } => {
+            if bytes == 0 {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let ptr = b.mem_alloc(bytes)?;
+            s.allocations.insert(ptr, Allocation { bytes });
+            Reply::Ptr(ptr)
+        }
+        Request::MemFree { ptr } | Request::MemFreeAsync { ptr, .. } => {
+            if ptr == 0 {
+                return Ok(Reply::Unit);
+            }
+            if !s.allocations.contains_key(&ptr) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            b.mem_free(ptr)?;
+            s.allocations.remove(&ptr);
+            Reply::Unit
+        }
+        Request::MemGetInfo => {
+            let (free, total) = b.mem_info();
+            Reply::MemInfo { free, total }
+        }
+        Request::MemcpyHtoD {
+            dst,
+            src,
+            stream,
+            sync,
+        } => {
+            let st = s.stream(stream)?;
+            s.check_range(dst, src.len())?;
+            match &src {
+                HostSrc::Inline(bytes) => {
+                    let span = HostSpan {
+                        ptr: bytes.as_ptr() as *mut u8,
+                        len: bytes.len(),
+                    };
+                    b.memcpy_htod(dst, HostRef::Transient(span), st)?;
+                }
+                HostSrc::Staging { offset, len } => {
+                    b.memcpy_htod(dst, HostRef::Transient(staging(seg, *offset, *len)?), st)?;
+                }
+                HostSrc::Pinned { offset, len } => {
+                    b.memcpy_htod(dst, HostRef::Pinned(pinned(s, seg, *offset, *len)?), st)?;
+                }
+            }
+            if sync {
+                b.stream_synchronize(st)?;
+            }
+            Reply::Unit
+        }
+        Request::MemcpyDtoH {
+            dst,
+            src,
+            len,
+            stream,
+            sync,
+        } => {
+            let st = s.stream(stream)?;
+            s.check_range(src, len)?;
+            match dst {
+                HostDst::Staging { offset } => {
+                    b.memcpy_dtoh(HostRef::Transient(staging(seg, offset, len)?), src, st)?;
+                }
+                HostDst::Pinned { offset } => {
+                    b.memcpy_dtoh(HostRef::Pinned(pinned(s, seg, offset, len)?), src, st)?;
+                    if sync {
+                        b.stream_synchronize(st)?;
+                    }
+                }
+            }
+            Reply::Unit
+        }
+        Request::MemcpyDtoD {
+            dst,
+            src,
+            len,
+            stream,
+            sync,
+        } => {
+            let st = s.stream(stream)?;
+            s.check_range(dst, len)?;
+            s.check_range(src, len)?;
+            b.memcpy_dtod(dst, src, len, st)?;
+            if sync {
+                b.stream_synchronize(st)?;
+            }
+            Reply::Unit
+        }
+        Request::Memset {
+            dst,
+            value,
+            elem_bytes,
+            count,
+            stream,
+            sync,
+        } => {
+            if !matches!(elem_bytes, 1 | 2 | 4) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let st = s.stream(stream)?;
+            let len = count
+                .checked_mul(u64::from(elem_bytes))
+                .ok_or(CuError::INVALID_VALUE)?;
+            s.check_range(dst, len)?;
+            b.memset(dst, value, elem_bytes, count, st)?;
+            if sync {
+                b.stream_synchronize(st)?;
+            }
+            Reply::Unit
+        }
+        Request::ModuleLoad { image } => {
+            let bytes = match image {
+                HostSrc::Inline(v) => v,
+                HostSrc::Staging { offset, len } => {
+                    let span = staging(seg, offset, len)?;
+                    // SAFETY: `span` was bounds-checked against the staging area of the mapped segment; the client
+                    // waits for this reply before touching staging again, so the bytes are stable while copied.
+                    unsafe { std::slice::from_raw_parts(span.ptr, span.len) }.to_vec()
+                }
+                HostSrc::Pinned { .. } => return Err(CuError::INVALID_VALUE),
+            };
+            let id = b.module_load(s.ctx, &bytes)?;
+            Reply::Handle(s.insert(Object::Module {
+                id,
+                image: std::sync::Arc::new(bytes),
+            }))
+        }
+        Request::ModuleUnload { module } => {
+            let id = s.module(module)?;
+            b.module_unload(id)?;
+            s.objects
+                .retain(|_, o| !matches!(o, Object::Function { module: m, .. } if *m == module));
+            s.objects.remove(&module);
+            Reply::Unit
+        }
+        Request::ModuleGetFunction { module, name } => {
+            let mid = s.module(module)?;
+            let (id, layout) = b.module_function(mid, &name)?;
+            let params = layout.params.clone();
+            let h = s.insert(Object::Function {
+                id,
+                module,
+                name,
+                params: layout.params,
+                params_bytes: layout.params_bytes,
+            });
+            Reply::Func(FuncInfo {
+                handle: h,
+                params,
+                params_bytes: layout.params_bytes,
+            })
+        }
+        Request::ModuleGetGlobal { module, name } => {
+            let mid = s.module(module)?;
+            let (ptr, bytes) = b.module_global(mid, &name)?;
+            s.globals.insert(ptr, bytes);
+            Reply::Global { ptr, bytes }
+        }
+        Request::FuncGetAttribute { func, attr } => {
+            Reply::Int(b.func_get_attribute(s.function(func)?.0, attr)?)
+        }
+        Request::FuncSetAttribute { func, attr, value } => {
+            b.func_set_attribute(s.function(func)?.0, attr, value)?;
+            Reply::Unit
+        }
+        Request::LaunchKernel(l) => {
+            let (f, params_bytes) = s.function(l.func)?;
+            if l.params.len() != params_bytes as usize {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let st = s.stream(l.stream)?;
+            b.launch(f, l.grid, l.block, l.shared_bytes, st, &l.params)?;
+            Reply::Unit
+        }
+        Request::StreamCreate { flags, priority } => {
+            let id = b.stream_create(s.ctx, flags, priority)?;
+            Reply::Handle(s.insert(Object::Stream {
+                id,
+                flags,
+                priority,
+            }))
+        }
+        Request::StreamDestroy { stream } => {
+            if stream.is_null() {
+                return Err(CuError::INVALID_HANDLE);
+            }
+            let id = s.stream(stream)?;
+            b.stream_destroy(id)?;
+            s.objects.remove(&stream);
+            Reply::Unit
+        }
+        Request::StreamSynchronize { stream } => {
+            b.stream_synchronize(s.stream(stream)?)?;
+            Reply::Unit
+        }
+        Request::StreamQuery { stream } => Reply::Bool(b.stream_query(s.stream(stream)?)?),
+        Request::StreamWaitEvent {
+            stream,
+            event,
+            flags,
+        } => {
+            b.stream_wait_event(s.stream(stream)?, s.event(event)?, flags)?;
+            Reply::Unit
+        }
+        Request::EventCreate { flags } => {
+            let id = b.event_create(s.ctx, flags)?;
+            Reply::Handle(s.insert(Object::Event { id, flags }))
+        }
+        Request::EventRecord { event, stream } => {
+            b.event_record(s.event(event)?, s.stream(stream)?)?;
+            Reply::Unit
+        }
+        Request::EventSynchronize { event } => {
+            b.event_synchronize(s.event(event)?)?;
+            Reply::Unit
+        }
+        Request::EventQuery { event } => Reply::Bool(b.event_query(s.event(event)?)?),
+        Request::EventElapsedTime { start, end } => {
+            Reply::Float(b.event_elapsed(s.event(start)?, s.event(end)?)?)
+        }
+        Request::EventDestroy { event } => {
+            let id = s.event(event)?;
+            b.event_destroy(id)?;
+            s.objects.remove(&event);
+            Reply::Unit
+        }
+        Request::CtxSynchronize => {
+            b.context_synchronize(s.ctx)?;
+            Reply::Unit
+        }
+        Request::HostAlloc { bytes } => {
+            let off = pinned_alloc(s, seg.pinned_bytes(), bytes).ok_or(CuError::OUT_OF_MEMORY)?;
+            let rounded = bytes.max(1).div_ceil(PINNED_ALIGN) * PINNED_ALIGN;
+            let span = span_in(seg.pinned_ptr(), seg.pinned_bytes(), off, rounded)?;
+            b.host_register(span)?;
+            s.registered.push(span);
+            s.pinned.insert(off, rounded);
+            Reply::Ptr(off)
+        }
+        Request::HostFree { offset } => {
+            let bytes = s.pinned.remove(&offset).ok_or(CuError::INVALID_VALUE)?;
+            if let Some(i) = s
+                .registered
+                .iter()
+                .position(|r| r.ptr == seg.pinned_ptr().wrapping_add(offset as usize))
+            {
+                let span = s.registered.swap_remove(i);
+                let _ = b.host_unregister(span);
+            }
+            // Give the pages back: the memfd keeps them otherwise.
+            let span = span_in(seg.pinned_ptr(), seg.pinned_bytes(), offset, bytes)?;
+            // SAFETY: the span lies inside the segment's pinned area (checked above) and was just released by the
+            // client; MADV_REMOVE on a shared memfd mapping only drops its pages, which read back as zeros.
+            unsafe {
+                libc::madvise(span.ptr.cast(), span.len, libc::MADV_REMOVE);
+            }
+            Reply::Unit
+        }
+    })
+}
