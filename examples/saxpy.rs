@@ -33,12 +33,20 @@ fn device(a: f32, x: &[f32], y: &[f32]) -> Result<Vec<f32>, String> {
     let ptx = common::compile(SRC)?;
     let ctx = CudaContext::new(0).map_err(|e| format!("CudaContext::new: {e}"))?;
     let stream = ctx.default_stream();
-    let module = ctx.load_module(ptx).map_err(|e| format!("load_module: {e}"))?;
-    let f = module.load_function("saxpy").map_err(|e| format!("load_function: {e}"))?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| format!("load_module: {e}"))?;
+    let f = module
+        .load_function("saxpy")
+        .map_err(|e| format!("load_function: {e}"))?;
     let x_dev = stream.clone_htod(x).map_err(|e| e.to_string())?;
     let mut y_dev = stream.clone_htod(y).map_err(|e| e.to_string())?;
     let n = x.len() as u32;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).min(120), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).min(120), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = stream.launch_builder(&f);
     b.arg(&a).arg(&x_dev).arg(&mut y_dev).arg(&n);
     // SAFETY: the kernel's signature is (float, const float*, float*, unsigned) and both buffers hold n floats.
@@ -61,7 +69,11 @@ fn main() {
             }
         }
     };
-    let mismatches = out.iter().zip(&reference).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let mismatches = out
+        .iter()
+        .zip(&reference)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     println!("saxpy: n={n} checksum {:#018x}", common::checksum(&out));
     if mismatches == 0 {
         println!("saxpy: PASS (bit-identical to the CPU reference)");

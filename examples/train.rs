@@ -202,16 +202,29 @@ fn cpu_train(cfg: &Config, d: &Data, mut log: impl FnMut(usize, f32)) -> Vec<f32
     p
 }
 
-fn device_train(cfg: &Config, d: &Data, mut log: impl FnMut(usize, f32)) -> Result<Vec<f32>, String> {
+fn device_train(
+    cfg: &Config,
+    d: &Data,
+    mut log: impl FnMut(usize, f32),
+) -> Result<Vec<f32>, String> {
     common::check_driver()?;
     let ptx = common::compile(SRC)?;
     let e = |what: &'static str| move |err: cudarc::driver::DriverError| format!("{what}: {err}");
     let ctx = CudaContext::new(0).map_err(e("CudaContext::new"))?;
     let stream = ctx.default_stream();
     let module = ctx.load_module(ptx).map_err(e("load_module"))?;
-    let f = |name: &str| module.load_function(name).map_err(|err| format!("load_function {name}: {err}"));
-    let (k_hidden, k_out, k_back, k_sgd, k_loss) =
-        (f("forward_hidden")?, f("forward_out")?, f("backward")?, f("sgd")?, f("loss_mean")?);
+    let f = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(|err| format!("load_function {name}: {err}"))
+    };
+    let (k_hidden, k_out, k_back, k_sgd, k_loss) = (
+        f("forward_hidden")?,
+        f("forward_out")?,
+        f("backward")?,
+        f("sgd")?,
+        f("loss_mean")?,
+    );
     let x = stream.clone_htod(&d.x).map_err(e("copy X"))?;
     let y = stream.clone_htod(&d.y).map_err(e("copy Y"))?;
     let mut p = stream.clone_htod(&d.p).map_err(e("copy P"))?;
@@ -223,7 +236,11 @@ fn device_train(cfg: &Config, d: &Data, mut log: impl FnMut(usize, f32)) -> Resu
     let mut loss = stream.alloc_zeros::<f32>(1).map_err(e("alloc loss mean"))?;
     let scale = 2.0f32 / b_n as f32;
     let (bn, np) = (b_n as u32, NP as u32);
-    let blocks = |n: usize| LaunchConfig { grid_dim: (n.div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let blocks = |n: usize| LaunchConfig {
+        grid_dim: (n.div_ceil(128) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
     for step in 0..cfg.steps {
         let off = ((step * b_n) % N) as u32;
         // SAFETY (all launches): argument lists match the kernels' signatures above and every buffer has the size
@@ -233,10 +250,23 @@ fn device_train(cfg: &Config, d: &Data, mut log: impl FnMut(usize, f32)) -> Resu
             l.arg(&x).arg(&p).arg(&mut a).arg(&off).arg(&bn);
             l.launch(blocks(b_n * H)).map_err(e("forward_hidden"))?;
             let mut l = stream.launch_builder(&k_out);
-            l.arg(&a).arg(&p).arg(&y).arg(&mut dout).arg(&mut lossp).arg(&off).arg(&bn).arg(&scale);
+            l.arg(&a)
+                .arg(&p)
+                .arg(&y)
+                .arg(&mut dout)
+                .arg(&mut lossp)
+                .arg(&off)
+                .arg(&bn)
+                .arg(&scale);
             l.launch(blocks(b_n)).map_err(e("forward_out"))?;
             let mut l = stream.launch_builder(&k_back);
-            l.arg(&x).arg(&a).arg(&p).arg(&dout).arg(&mut g).arg(&off).arg(&bn);
+            l.arg(&x)
+                .arg(&a)
+                .arg(&p)
+                .arg(&dout)
+                .arg(&mut g)
+                .arg(&off)
+                .arg(&bn);
             l.launch(blocks(NP)).map_err(e("backward"))?;
             let mut l = stream.launch_builder(&k_sgd);
             l.arg(&mut p).arg(&g).arg(&cfg.lr).arg(&np);
@@ -247,8 +277,12 @@ fn device_train(cfg: &Config, d: &Data, mut log: impl FnMut(usize, f32)) -> Resu
             unsafe {
                 let mut l = stream.launch_builder(&k_loss);
                 l.arg(&lossp).arg(&mut loss).arg(&bn);
-                l.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
-                    .map_err(e("loss_mean"))?;
+                l.launch(LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .map_err(e("loss_mean"))?;
             }
             let v = stream.clone_dtoh(&loss).map_err(e("copy loss"))?;
             log(step, v[0]);
@@ -269,8 +303,13 @@ fn main() {
         delay_ms: common::arg("--step-delay-ms", 0),
     };
     let d = data();
-    println!("train: {D}-{H}-1 MLP, {N} samples, batch {}, {} steps, lr {}", cfg.batch, cfg.steps, cfg.lr);
-    let log = |step: usize, loss: f32| println!("step {step:5} loss {loss:.7} ({:#010x})", loss.to_bits());
+    println!(
+        "train: {D}-{H}-1 MLP, {N} samples, batch {}, {} steps, lr {}",
+        cfg.batch, cfg.steps, cfg.lr
+    );
+    let log = |step: usize, loss: f32| {
+        println!("step {step:5} loss {loss:.7} ({:#010x})", loss.to_bits())
+    };
     let started = std::time::Instant::now();
     let p = if common::flag("--cpu") {
         cpu_train(&cfg, &d, log)

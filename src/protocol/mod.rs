@@ -63,7 +63,12 @@ pub enum ProtocolError {
     Malformed(String),
     /// The peer speaks another major protocol version.
     #[error("protocol version mismatch: client speaks {client_major}.{client_minor}, server speaks {server_major}.{server_minor}; use the same devproxy release for the shim and the server")]
-    Version { client_major: u16, client_minor: u16, server_major: u16, server_minor: u16 },
+    Version {
+        client_major: u16,
+        client_minor: u16,
+        server_major: u16,
+        server_minor: u16,
+    },
 }
 
 /// A virtual handle (stream, event, module, function, ...). 0 is never a valid handle.
@@ -220,13 +225,37 @@ pub enum Request {
     /// -> Reply::MemInfo
     MemGetInfo,
     /// Host to device. (ff) when `sync` is false and `src` is Inline or Pinned; else waits -> Reply::Unit.
-    MemcpyHtoD { dst: u64, src: HostSrc, stream: Handle, sync: bool },
+    MemcpyHtoD {
+        dst: u64,
+        src: HostSrc,
+        stream: Handle,
+        sync: bool,
+    },
     /// Device to host. Into Staging: waits -> Reply::Unit once bytes are in staging. Into Pinned with !sync: (ff).
-    MemcpyDtoH { dst: HostDst, src: u64, len: u64, stream: Handle, sync: bool },
+    MemcpyDtoH {
+        dst: HostDst,
+        src: u64,
+        len: u64,
+        stream: Handle,
+        sync: bool,
+    },
     /// (ff) unless `sync`.
-    MemcpyDtoD { dst: u64, src: u64, len: u64, stream: Handle, sync: bool },
+    MemcpyDtoD {
+        dst: u64,
+        src: u64,
+        len: u64,
+        stream: Handle,
+        sync: bool,
+    },
     /// memset of `count` elements of `elem_bytes` (1, 2 or 4). (ff) unless `sync`.
-    Memset { dst: u64, value: u32, elem_bytes: u8, count: u64, stream: Handle, sync: bool },
+    Memset {
+        dst: u64,
+        value: u32,
+        elem_bytes: u8,
+        count: u64,
+        stream: Handle,
+        sync: bool,
+    },
     /// Load a PTX (or, on the cuda backend, cubin/fatbin) image -> Reply::Handle
     ModuleLoad { image: HostSrc },
     /// -> Reply::Unit
@@ -250,7 +279,11 @@ pub enum Request {
     /// -> Reply::Bool (true = all work done)
     StreamQuery { stream: Handle },
     /// (ff)
-    StreamWaitEvent { stream: Handle, event: Handle, flags: u32 },
+    StreamWaitEvent {
+        stream: Handle,
+        event: Handle,
+        flags: u32,
+    },
     /// -> Reply::Handle
     EventCreate { flags: u32 },
     /// (ff)
@@ -282,8 +315,12 @@ impl Request {
             | Request::StreamWaitEvent { .. }
             | Request::EventRecord { .. }
             | Request::EventDestroy { .. } => false,
-            Request::MemcpyHtoD { src, sync, .. } => *sync || matches!(src, HostSrc::Staging { .. }),
-            Request::MemcpyDtoH { dst, sync, .. } => *sync || matches!(dst, HostDst::Staging { .. }),
+            Request::MemcpyHtoD { src, sync, .. } => {
+                *sync || matches!(src, HostSrc::Staging { .. })
+            }
+            Request::MemcpyDtoH { dst, sync, .. } => {
+                *sync || matches!(dst, HostDst::Staging { .. })
+            }
             Request::MemcpyDtoD { sync, .. } | Request::Memset { sync, .. } => *sync,
             _ => true,
         }
@@ -337,9 +374,15 @@ pub enum Reply {
     Bool(bool),
     Int(i32),
     Float(f32),
-    MemInfo { free: u64, total: u64 },
+    MemInfo {
+        free: u64,
+        total: u64,
+    },
     Func(FuncInfo),
-    Global { ptr: u64, bytes: u64 },
+    Global {
+        ptr: u64,
+        bytes: u64,
+    },
     /// The request (or an earlier fire-and-forget one) failed.
     Err(CuError),
 }
@@ -376,7 +419,10 @@ mod tests {
         assert!(decode::<Request>(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
         let mut bytes = encode(&Request::MemAlloc { bytes: 5 });
         bytes.push(0);
-        assert!(decode::<Request>(&bytes).is_err(), "trailing bytes must be refused");
+        assert!(
+            decode::<Request>(&bytes).is_err(),
+            "trailing bytes must be refused"
+        );
         bytes.truncate(1);
         assert!(decode::<Request>(&bytes).is_err());
     }
@@ -399,9 +445,27 @@ mod tests {
         .waits());
         assert!(Request::MemAlloc { bytes: 1 }.waits());
         let inline = HostSrc::Inline(vec![1]);
-        assert!(!Request::MemcpyHtoD { dst: 0, src: inline.clone(), stream: Handle::NULL, sync: false }.waits());
-        assert!(Request::MemcpyHtoD { dst: 0, src: inline, stream: Handle::NULL, sync: true }.waits());
+        assert!(!Request::MemcpyHtoD {
+            dst: 0,
+            src: inline.clone(),
+            stream: Handle::NULL,
+            sync: false
+        }
+        .waits());
+        assert!(Request::MemcpyHtoD {
+            dst: 0,
+            src: inline,
+            stream: Handle::NULL,
+            sync: true
+        }
+        .waits());
         let staged = HostSrc::Staging { offset: 0, len: 1 };
-        assert!(Request::MemcpyHtoD { dst: 0, src: staged, stream: Handle::NULL, sync: false }.waits());
+        assert!(Request::MemcpyHtoD {
+            dst: 0,
+            src: staged,
+            stream: Handle::NULL,
+            sync: false
+        }
+        .waits());
     }
 }
