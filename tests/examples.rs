@@ -1,0 +1,189 @@
+//! Unmodified programs under `devproxy run` against the emulated device: the examples give their CPU reference's
+//! results bit for bit, and programs that link libcuda, dlopen it, or load it through cudarc all land in the shim.
+
+mod common;
+
+use common::{example, run_plain, stderr, stdout, Sandbox};
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn saxpy_under_devproxy_matches_the_cpu_reference() {
+    let sb = Sandbox::new();
+    let reference = run_plain(&example("saxpy"), &["--cpu", "--n", "100003"]);
+    assert!(reference.status.success());
+    let out = sb.run_under(None, &example("saxpy"), &["--n", "100003"]);
+    assert!(
+        out.status.success(),
+        "saxpy failed under devproxy:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(
+        stdout(&out),
+        stdout(&reference),
+        "stderr:\n{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("PASS"));
+}
+
+#[test]
+fn train_under_devproxy_is_bit_identical_to_the_cpu_reference() {
+    let mut sb = Sandbox::new();
+    let args = ["--steps", "60", "--log-every", "10"];
+    let reference = run_plain(&example("train"), &[&args[..], &["--cpu"]].concat());
+    assert!(reference.status.success());
+    // Through a named server, so the same server is also asked for its sessions afterwards.
+    let sock = sb.serve("a", &[]);
+    let out = sb.run_under(Some(&sock), &example("train"), &args);
+    assert!(
+        out.status.success(),
+        "train failed under devproxy:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(
+        stdout(&out),
+        stdout(&reference),
+        "stderr:\n{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out)
+            .lines()
+            .filter(|l| l.starts_with("step"))
+            .count()
+            >= 6
+    );
+}
+
+#[test]
+fn devproxy_run_exits_with_the_commands_status() {
+    let sb = Sandbox::new();
+    let out = sb.run_under(None, Path::new("/bin/sh"), &["-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+}
+
+/// A C program that links -lcuda (resolved at load time through LD_LIBRARY_PATH to the shim).
+const LINKED_C: &str = r#"
+#include <stdio.h>
+typedef int CUresult; typedef int CUdevice;
+CUresult cuInit(unsigned int);
+CUresult cuDeviceGet(CUdevice*, int);
+CUresult cuDeviceGetName(char*, int, CUdevice);
+CUresult cuDeviceGetCount(int*);
+CUresult cuGraphCreate(void**, unsigned int);
+int main(void) {
+    CUdevice d; char name[256]; int n = -1; void* g = 0;
+    int r = cuInit(0);
+    if (r) { printf("cuInit %d\n", r); return 1; }
+    cuDeviceGetCount(&n);
+    cuDeviceGet(&d, 0);
+    cuDeviceGetName(name, sizeof name, d);
+    printf("devices %d name %s\n", n, name);
+    printf("graph %d\n", cuGraphCreate(&g, 0));
+    printf("graph %d\n", cuGraphCreate(&g, 0));
+    return 0;
+}
+"#;
+
+#[test]
+fn a_program_linked_against_libcuda_lands_in_the_shim_and_unsupported_calls_say_so_once() {
+    let sb = Sandbox::new();
+    let src = sb.path("linked.c");
+    std::fs::write(&src, LINKED_C).unwrap();
+    // Link against the shim under the name libcuda.so, as a program built against the real driver would.
+    let libdir = sb.path("lib");
+    std::fs::create_dir_all(&libdir).unwrap();
+    std::os::unix::fs::symlink(
+        common::target_dir().join("libdevproxy_interpose.so"),
+        libdir.join("libcuda.so"),
+    )
+    .unwrap();
+    let bin = sb.path("linked");
+    let cc = Command::new("cc")
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .arg("-L")
+        .arg(&libdir)
+        .arg("-lcuda")
+        .output();
+    let cc = cc.expect("a C compiler (cc) is needed for this test");
+    assert!(
+        cc.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let out = sb.run_under(None, &bin, &[]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("devices 1 name "), "{text}");
+    assert!(
+        text.to_lowercase().contains("emulated"),
+        "device name should say it is emulated: {text}"
+    );
+    // CUDA_ERROR_NOT_SUPPORTED, twice; the log names the function exactly once.
+    assert_eq!(text.matches("graph 801").count(), 2, "{text}");
+    assert_eq!(
+        stderr(&out).matches("cuGraphCreate").count(),
+        1,
+        "stderr:\n{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_program_that_dlopens_libcuda_lands_in_the_shim() {
+    let sb = Sandbox::new();
+    let py = r#"
+import ctypes
+lib = ctypes.CDLL("libcuda.so.1")
+assert lib.cuInit(0) == 0, "cuInit failed"
+v = ctypes.c_int(0)
+assert lib.cuDriverGetVersion(ctypes.byref(v)) == 0
+n = ctypes.c_int(0)
+assert lib.cuDeviceGetCount(ctypes.byref(n)) == 0
+free = ctypes.c_size_t(0); total = ctypes.c_size_t(0)
+ctx = ctypes.c_void_p(0)
+assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+assert lib.cuCtxSetCurrent(ctx) == 0
+assert lib.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
+ptr = ctypes.c_uint64(0)
+assert lib.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(1 << 20)) == 0
+src = (ctypes.c_ubyte * 1024)(*[i % 251 for i in range(1024)])
+dst = (ctypes.c_ubyte * 1024)()
+assert lib.cuMemcpyHtoD_v2(ptr, src, ctypes.c_size_t(1024)) == 0
+assert lib.cuMemcpyDtoH_v2(dst, ptr, ctypes.c_size_t(1024)) == 0
+assert bytes(dst) == bytes(src)
+print("version", v.value, "devices", n.value, "total", total.value, "roundtrip ok")
+"#;
+    let out = sb.run_under(None, Path::new("python3"), &["-c", py]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("version 13000 devices 1"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("roundtrip ok"));
+}
+
+#[test]
+fn no_server_means_an_error_naming_the_socket_not_a_hang() {
+    let sb = Sandbox::new();
+    let missing = sb.path("nobody-listens.sock");
+    let started = std::time::Instant::now();
+    let out = sb.run_under(Some(&missing), &example("saxpy"), &["--n", "10"]);
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(missing.to_str().unwrap()),
+        "the log should name the socket it tried:\n{err}"
+    );
+}
