@@ -4,6 +4,7 @@
 __device__ int g_counter = 7;
 __device__ float g_table[4] = {1.5f, -2.0f, 3.25f, 0.0f};
 __constant__ int c_coeffs[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+__device__ int g_written;
 
 extern "C" __global__ void saxpy(int n, float a, const float* x, float* y) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -67,11 +68,11 @@ extern "C" __global__ void atomics(int n, const int* in, int* iacc, float* facc,
     atomicAnd(&uacc[3], ~(1u << (i & 31)));
     atomicXor(&uacc[4], (unsigned)v);
     atomicExch(&iacc[3], 42);
-    // CAS loop implementing a multiply-accumulate mod 2^32.
+    // CAS loop implementing old + 2v + 1 (order independent, so the result is checkable).
     int old = iacc[4], assumed;
     do {
         assumed = old;
-        old = atomicCAS(&iacc[4], assumed, assumed * 3 + v);
+        old = atomicCAS(&iacc[4], assumed, assumed + 2 * v + 1);
     } while (assumed != old);
     atomicAdd((unsigned long long*)&dacc[1], 1ull);
 }
@@ -252,7 +253,7 @@ extern "C" __global__ void dyn_shared_reverse(const int* in, int* out, int n) {
 extern "C" __global__ void globals_const(float* out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = g_table[i & 3] * (float)c_coeffs[i & 7] + (float)g_counter;
-    if (i == 0) g_counter += 1;
+    if (i == 0) g_written = g_counter * 2 + 1;
 }
 
 extern "C" __global__ void grid3d(int* out, int nx, int ny, int nz) {
