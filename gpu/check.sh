@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The GPU check: run on a GPU host from the repository root, with binaries built elsewhere by gpu/pack.sh (in .gpu/).
+# Each step has its own timeout and prints PASS/FAIL with figures; everything native is measured in the same run.
+# Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
+#
+#   gpu/check.sh [steps...]    steps: backend examples overhead ckpt migrate suspend throughput nvidia (default: all)
+set -u
+cd "$(dirname "$0")/.."
+B=${GPU_BIN:-$PWD/.gpu}
+OUT=${OUT:-/tmp/devproxy-gpu-out}
+mkdir -p "$OUT"
+SUM="$OUT/summary.txt"
+LOG="$OUT/log.txt"
+: >"$SUM"
+: >"$LOG"
+NVRTC=${NVRTC_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib}
+export LD_LIBRARY_PATH="$NVRTC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export DEVPROXY_RUNTIME_DIR=/tmp/devproxy-gpu-rt
+export DEVPROXY_SHIM="$B/libdevproxy_interpose.so"
+rm -rf "$DEVPROXY_RUNTIME_DIR"; mkdir -p "$DEVPROXY_RUNTIME_DIR"
+W=/dev/shm/devproxy-gpu; rm -rf "$W"; mkdir -p "$W"
+PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia"}
+
+say() { echo "$*" | tee -a "$SUM"; }
+log() { echo "$*" >>"$LOG"; }
+pass() { say "PASS $*"; }
+fail() { say "FAIL $*"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+cleanup_servers() { pkill -9 -f "$B/devproxy serve" 2>/dev/null; sleep 0.2; rm -f "$DEVPROXY_RUNTIME_DIR"/*.sock*; }
+
+# Starts a cuda server on socket $1 in the background.
+serve() {
+  "$B/devproxy" serve --backend cuda --socket "$1" >>"$LOG" 2>&1 &
+  for _ in $(seq 200); do [ -S "$1.ctl" ] && return 0; sleep 0.05; done
+  log "server on $1 did not start"; return 1
+}
+# pid of the session whose command matches $2 on server $1
+sess_pid() { "$B/devproxy" ps --server "$1" 2>>"$LOG" | awk -v pat="$2" '$0 ~ pat && $2 ~ /^[0-9]+$/ { print $2; exit }'; }
+# waits until file $1 contains $2 (timeout $3 s)
+wait_line() { for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+say "devproxy GPU check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
+
+# ---- 1. the cuda backend's own tests
+if want backend; then
+  if timeout 180 "$B/gpu_backend" --ignored --nocapture --test-threads=1 >>"$LOG" 2>&1; then
+    pass "backend: cuda backend tests"
+  else
+    fail "backend: cuda backend tests (see log)"
+  fi
+  grep -E "GB/s" "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
+fi
+
+# ---- 2. examples natively and under devproxy: identical output
+TRAIN_ARGS="--steps 300 --log-every 25"
+if want examples; then
+  for ex in "saxpy" "train $TRAIN_ARGS"; do
+    set -- $ex
+    name=$1; shift
+    timeout 120 "$B/$name" "$@" >"$W/$name.native" 2>"$W/$name.native.err"
+    timeout 300 "$B/devproxy" run --backend cuda -- "$B/$name" "$@" >"$W/$name.proxy" 2>"$W/$name.proxy.err"
+    cat "$W/$name.native.err" "$W/$name.proxy.err" >>"$LOG"
+    if [ -s "$W/$name.native" ] && cmp -s "$W/$name.native" "$W/$name.proxy"; then
+      pass "examples: $name identical natively and under devproxy ($(tail -n1 "$W/$name.proxy"))"
+    else
+      fail "examples: $name differs: native '$(tail -n1 "$W/$name.native")' proxy '$(tail -n1 "$W/$name.proxy")'"
+    fi
+  done
+  n=$(grep -o '[0-9.]* ms/step' "$W/train.native.err" | awk '{print $1}')
+  p=$(grep -o '[0-9.]* ms/step' "$W/train.proxy.err" | awk '{print $1}')
+  say "  train step: native $n ms, devproxy $p ms, ratio $(ratio "$p" "$n")"
+fi
+
+# ---- 3. per-call overhead
+if want overhead; then
+  timeout 120 "$B/launch_overhead" >"$W/lo.native" 2>>"$LOG"
+  timeout 300 "$B/devproxy" run --backend cuda -- "$B/launch_overhead" >"$W/lo.proxy" 2>>"$LOG"
+  read -r _ nl _ nr _ nh <"$W/lo.native"
+  read -r _ pl _ pr _ ph <"$W/lo.proxy"
+  if [ -n "${pl:-}" ] && [ -n "${nl:-}" ]; then
+    pass "overhead: measured"
+    say "  launch (async) native ${nl} us, devproxy ${pl} us, ratio $(ratio "$pl" "$nl"), added $(awk -v a="$pl" -v b="$nl" 'BEGIN{printf "%.2f", a-b}') us"
+    say "  launch+sync    native ${nr} us, devproxy ${pr} us, ratio $(ratio "$pr" "$nr")"
+    say "  4-byte H2D+sync native ${nh} us, devproxy ${ph} us, ratio $(ratio "$ph" "$nh")"
+  else
+    fail "overhead: launch_overhead did not run (native '$(cat "$W/lo.native")' proxy '$(cat "$W/lo.proxy")')"
+  fi
+fi
+
+# Reference output for the state-moving checks.
+REF_ARGS="--steps 400 --log-every 20 --step-delay-ms 4"
+[ -s "$W/train.ref" ] || timeout 120 "$B/train" $REF_ARGS >"$W/train.ref" 2>>"$LOG"
+
+# ---- 4. checkpoint --stop, server SIGKILLed, restored by a new server
+if want ckpt; then
+  cleanup_servers
+  S="$DEVPROXY_RUNTIME_DIR/a.sock"
+  serve "$S"
+  "$B/devproxy" run --server "$S" -- "$B/train" $REF_ARGS >"$W/ckpt.out" 2>>"$LOG" &
+  RUN=$!
+  wait_line "$W/ckpt.out" "step   100" 60
+  pid=$(sess_pid "$S" train)
+  timeout 120 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-ckpt" --stop 2>>"$LOG" | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
+  pkill -9 -f "$B/devproxy serve --backend cuda --socket $S"
+  sleep 0.3
+  "$B/devproxy" restore "$W/img-ckpt" --socket "$S" --backend cuda >>"$LOG" 2>&1 &
+  timeout 180 tail --pid=$RUN -f /dev/null
+  if cmp -s "$W/train.ref" "$W/ckpt.out"; then
+    pass "ckpt: train checkpointed with --stop, server killed, restored: output identical"
+  else
+    fail "ckpt: output differs after restore ($(tail -n1 "$W/ckpt.out") vs $(tail -n1 "$W/train.ref"))"
+  fi
+  cleanup_servers
+fi
+
+# ---- 5. live migration between two servers
+if want migrate; then
+  cleanup_servers
+  S1="$DEVPROXY_RUNTIME_DIR/m1.sock"; S2="$DEVPROXY_RUNTIME_DIR/m2.sock"
+  serve "$S1"; serve "$S2"
+  "$B/devproxy" run --server "$S1" -- "$B/train" $REF_ARGS >"$W/mig.out" 2>>"$LOG" &
+  RUN=$!
+  wait_line "$W/mig.out" "step   100" 60
+  pid=$(sess_pid "$S1" train)
+  timeout 120 "$B/devproxy" migrate --server "$S1" --pid "$pid" --to "$S2" 2>>"$LOG" | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
+  timeout 180 tail --pid=$RUN -f /dev/null
+  if cmp -s "$W/train.ref" "$W/mig.out"; then
+    pass "migrate: train live-migrated between two servers: output identical"
+  else
+    fail "migrate: output differs ($(tail -n1 "$W/mig.out") vs $(tail -n1 "$W/train.ref"))"
+  fi
+  cleanup_servers
+fi
+
+# ---- 6. suspend / resume
+if want suspend; then
+  cleanup_servers
+  S="$DEVPROXY_RUNTIME_DIR/s.sock"
+  serve "$S"
+  "$B/devproxy" run --server "$S" -- "$B/train" $REF_ARGS >"$W/sus.out" 2>>"$LOG" &
+  RUN=$!
+  wait_line "$W/sus.out" "step   100" 60
+  pid=$(sess_pid "$S" train)
+  timeout 60 "$B/devproxy" suspend --server "$S" --pid "$pid" >>"$LOG" 2>&1
+  held=$("$B/devproxy" ps --server "$S" | awk -v p="$pid" '$2 == p { print $3, $4 }')
+  sleep 0.5
+  timeout 60 "$B/devproxy" resume --server "$S" --pid "$pid" >>"$LOG" 2>&1
+  timeout 180 tail --pid=$RUN -f /dev/null
+  if cmp -s "$W/train.ref" "$W/sus.out" && [[ "$held" == "0 B" ]]; then
+    pass "suspend: suspended (device memory held: $held), resumed: output identical"
+  else
+    fail "suspend: held '$held' while suspended; output $(tail -n1 "$W/sus.out") vs $(tail -n1 "$W/train.ref")"
+  fi
+  cleanup_servers
+fi
+
+# ---- 7. checkpoint / restore throughput on a process holding N GiB
+if want throughput; then
+  for gib in 1 16; do
+    cleanup_servers
+    S="$DEVPROXY_RUNTIME_DIR/t.sock"
+    serve "$S"
+    rm -f "$W/go"
+    "$B/devproxy" run --server "$S" -- "$B/hold" --gib "$gib" --until "$W/go" >"$W/hold.out" 2>>"$LOG" &
+    RUN=$!
+    wait_line "$W/hold.out" "ready" 120
+    pid=$(sess_pid "$S" hold)
+    c1=$(timeout 240 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-t" 2>>"$LOG")
+    c2=$(timeout 240 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-t" --stop 2>>"$LOG")
+    pkill -9 -f "$B/devproxy serve --backend cuda --socket $S"; sleep 0.3
+    "$B/devproxy" restore "$W/img-t" --socket "$S" --backend cuda >"$W/restore.log" 2>&1 &
+    wait_line "$W/restore.log" "GB/s" 240
+    touch "$W/go"
+    timeout 240 tail --pid=$RUN -f /dev/null
+    cat "$W/restore.log" >>"$LOG"
+    say "  ${gib} GiB checkpoint (running): $c1"
+    say "  ${gib} GiB checkpoint (--stop):  $c2"
+    say "  ${gib} GiB restore: $(grep -m1 'GB/s' "$W/restore.log")"
+    if grep -q "verified.*OK" "$W/hold.out"; then
+      pass "throughput: ${gib} GiB checkpointed, server killed, restored, memory verified"
+    else
+      fail "throughput: ${gib} GiB: $(tail -n1 "$W/hold.out")"
+    fi
+    rm -rf "$W/img-t"
+    cleanup_servers
+  done
+fi
+
+# ---- 8. NVIDIA's driver checkpoint on the same amounts
+if want nvidia; then
+  for gib in 1 16; do
+    r=$(timeout 120 "$PY" gpu/nv_checkpoint.py "$gib" 2>>"$LOG")
+    say "  $r"
+  done
+fi
+
+rm -rf "$W"
+say "done $(date -u +%H:%M:%SZ)"
+grep -c '^PASS' "$SUM" | xargs echo "passed:" | tee -a "$SUM"
+grep -c '^FAIL' "$SUM" | xargs echo "failed:" | tee -a "$SUM"
