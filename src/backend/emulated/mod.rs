@@ -19,12 +19,11 @@
 
 mod arena;
 mod module;
-mod ptx_api;
 mod stream;
 #[cfg(test)]
 mod tests;
 
-use self::ptx_api as ptx;
+use devproxy_ptx as ptx;
 
 use self::arena::{snapshot_contains, Arena, Snapshot};
 use self::module::{FuncState, ModuleState};
@@ -540,9 +539,15 @@ impl Backend for EmulatedBackend {
             return Err(CuError::NOT_SUPPORTED);
         }
         let text = std::str::from_utf8(image).map_err(|_| CuError::NOT_SUPPORTED)?;
-        let parsed = ptx::Module::parse(text).map_err(|e| {
-            tracing::warn!("PTX module rejected: {e}");
-            CuError::INVALID_PTX
+        let parsed = ptx::Module::parse(text).map_err(|e| match e {
+            ptx::PtxError::Unsupported { .. } => {
+                tracing::warn!("PTX module refused: {e}");
+                CuError::NOT_SUPPORTED
+            }
+            ptx::PtxError::Parse { .. } => {
+                tracing::warn!("PTX module rejected: {e}");
+                CuError::INVALID_PTX
+            }
         })?;
         let mut globals = Vec::new();
         let mut addrs = Vec::new();
