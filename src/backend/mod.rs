@@ -14,6 +14,7 @@
 //! event synchronize), as on a GPU. Device pointers are plain `u64` addresses inside the arena
 //! ([`DeviceInfo::arena_base`](crate::protocol::DeviceInfo)); the backend never hands out memory outside it.
 
+pub mod arena;
 pub mod cuda;
 pub mod emulated;
 
