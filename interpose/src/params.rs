@@ -146,11 +146,12 @@ mod tests {
         let (s, total) = slots();
         let mut buf: Vec<u8> = (0..24u8).collect();
         let mut size: usize = buf.len();
+        let size_ptr: *mut usize = &mut size;
         let mut extra: [*mut c_void; 5] = [
             PARAM_BUFFER_POINTER as *mut c_void,
             buf.as_mut_ptr().cast(),
             PARAM_BUFFER_SIZE as *mut c_void,
-            (&mut size as *mut usize).cast(),
+            size_ptr.cast(),
             PARAM_END as *mut c_void,
         ];
         let mut out = Vec::new();
@@ -167,7 +168,8 @@ mod tests {
         .unwrap();
         assert_eq!(out, buf);
 
-        size = 8; // too small for the layout
+        // SAFETY: `size_ptr` points to the live local `size`.
+        unsafe { size_ptr.write(8) }; // too small for the layout
         out.clear();
         // SAFETY: as above.
         let r = unsafe {

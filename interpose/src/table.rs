@@ -147,3 +147,154 @@ pub mod exports {
 }
 
 pub use exports::{COVERAGE, ENTRIES};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Extra entries the generator adds on top of cudarc (see EXTRAS in tools/gen_driver_table.py).
+    const EXTRAS: &[&str] = &["cuGetProcAddress"];
+
+    /// (name -> argument list) for every cuda-13000 driver function in cudarc, parsed like the generator does.
+    fn cudarc_functions() -> BTreeMap<String, String> {
+        let src = crate::tests_support::cudarc_sys_source();
+        let lines: Vec<&str> = src.lines().collect();
+        let mut out = BTreeMap::new();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(rest) = line.strip_prefix("pub unsafe fn cu") else {
+                continue;
+            };
+            let Some(sig) = rest.strip_suffix(") -> CUresult {") else {
+                continue;
+            };
+            let prev = if i > 0 { lines[i - 1] } else { "" };
+            if prev.starts_with("#[cfg") && !prev.contains("\"cuda-13000\"") {
+                continue;
+            }
+            let (name, args) = sig.split_once('(').expect("signature");
+            out.insert(format!("cu{name}"), args.trim().to_string());
+        }
+        out
+    }
+
+    /// (name -> argument list) as listed in driver_table.rs.
+    fn table_functions() -> BTreeMap<String, String> {
+        include_str!("driver_table.rs")
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let rest = l.strip_prefix("fwd ").or_else(|| l.strip_prefix("none "))?;
+                let (name, args) = rest.strip_suffix(");")?.split_once('(')?;
+                Some((name.to_string(), args.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn table_is_current_with_cudarc() {
+        let want = cudarc_functions();
+        let mut have = table_functions();
+        for e in EXTRAS {
+            assert!(
+                have.remove(*e).is_some(),
+                "extra entry {e} missing from the table"
+            );
+        }
+        let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(*k)).collect();
+        let stale: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+        let changed: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| have.get(*k).is_some_and(|h| h != *v))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            missing.is_empty() && stale.is_empty() && changed.is_empty(),
+            "interpose/src/driver_table.rs is stale against cudarc (missing {missing:?}, gone {stale:?}, changed \
+             signatures {changed:?}): run tools/gen_driver_table.py"
+        );
+    }
+
+    #[test]
+    fn entries_sorted_unique_and_counted() {
+        assert!(
+            ENTRIES.windows(2).all(|w| w[0].name < w[1].name),
+            "table must be sorted (binary search)"
+        );
+        assert_eq!(COVERAGE.1, ENTRIES.len());
+        assert_eq!(COVERAGE.0, ENTRIES.iter().filter(|e| e.implemented).count());
+        assert!(find(b"cuLaunchKernel").is_some_and(|e| e.implemented));
+        assert!(find(b"cuArrayCreate_v2").is_some_and(|e| !e.implemented));
+        assert!(find(b"cuNope").is_none());
+        assert!(coverage_line().starts_with("devproxy shim: "));
+    }
+
+    #[test]
+    fn every_fwd_has_an_export_and_stubs_refuse() {
+        // A `none` entry answers NOT_SUPPORTED without touching its arguments.
+        let e = find(b"cuArrayDestroy").unwrap();
+        // SAFETY: the entry's address is `exports::cuArrayDestroy`, whose signature is (CUarray) -> CUresult.
+        let f: unsafe extern "C" fn(cudarc::driver::sys::CUarray) -> CUresult =
+            unsafe { std::mem::transmute(e.func.0) };
+        // SAFETY: stubs never dereference their arguments.
+        assert_eq!(
+            unsafe { f(std::ptr::null_mut()) },
+            CUresult::CUDA_ERROR_NOT_SUPPORTED
+        );
+    }
+
+    #[test]
+    fn cudarc_safe_api_symbols_are_implemented() {
+        // What cudarc 0.19's safe API touches for: CudaContext::new, streams, alloc/copies (sync and pool paths),
+        // modules/functions/launch, events, synchronize, errors.
+        for name in [
+            "cuInit",
+            "cuDeviceGet",
+            "cuDevicePrimaryCtxRetain",
+            "cuDevicePrimaryCtxRelease_v2",
+            "cuDeviceGetAttribute",
+            "cuCtxSetCurrent",
+            "cuCtxGetCurrent",
+            "cuCtxSynchronize",
+            "cuStreamCreate",
+            "cuStreamDestroy_v2",
+            "cuStreamSynchronize",
+            "cuStreamWaitEvent",
+            "cuMemAlloc_v2",
+            "cuMemFree_v2",
+            "cuMemAllocAsync",
+            "cuMemFreeAsync",
+            "cuMemcpyHtoDAsync_v2",
+            "cuMemcpyDtoHAsync_v2",
+            "cuMemcpyDtoDAsync_v2",
+            "cuMemsetD8Async",
+            "cuModuleLoadData",
+            "cuModuleGetFunction",
+            "cuModuleUnload",
+            "cuLaunchKernel",
+            "cuEventCreate",
+            "cuEventRecord",
+            "cuEventSynchronize",
+            "cuEventElapsedTime_v2",
+            "cuEventDestroy_v2",
+            "cuEventQuery",
+            "cuGetErrorName",
+            "cuGetErrorString",
+            "cuDeviceGetName",
+            "cuDeviceTotalMem_v2",
+            "cuMemGetInfo_v2",
+            "cuMemHostAlloc",
+            "cuMemFreeHost",
+            "cuFuncGetAttribute",
+            "cuFuncSetAttribute",
+            "cuCtxGetStreamPriorityRange",
+            "cuStreamCreateWithPriority",
+            "cuModuleGetGlobal_v2",
+        ] {
+            assert!(
+                find(name.as_bytes()).is_some_and(|e| e.implemented),
+                "{name} must be implemented"
+            );
+        }
+    }
+}

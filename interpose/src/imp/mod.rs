@@ -130,7 +130,11 @@ mod tests {
         let body = &body[..body.find("\n}").unwrap()];
         let mut codes = Vec::new();
         for line in body.lines() {
-            if let Some((_, v)) = line.trim().trim_end_matches(',').split_once(" = ") {
+            let line = line.trim();
+            if !line.starts_with("CUDA_") {
+                continue;
+            }
+            if let Some((_, v)) = line.trim_end_matches(',').split_once(" = ") {
                 codes.push(v.parse::<u32>().unwrap());
             }
         }
