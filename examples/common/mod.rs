@@ -1,4 +1,5 @@
 //! Helpers shared by the examples: NVRTC compilation with a clear error when NVRTC is missing, and a checksum.
+#![allow(dead_code)]
 
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
