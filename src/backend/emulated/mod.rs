@@ -159,7 +159,7 @@ impl EmulatedBackend {
     #[doc(hidden)]
     pub fn new_for_tests(opts: &BackendOptions) -> Result<Self, String> {
         const SLOT: u64 = 64 << 30;
-        let slot = TEST_ARENA_SLOT.fetch_add(1, Ordering::Relaxed) % 4096;
+        let slot = TEST_ARENA_SLOT.fetch_add(1, Ordering::Relaxed) % 1024;
         Self::with_base(opts, ARENA_BASE - (slot + 1) * SLOT)
     }
 
