@@ -20,10 +20,44 @@ pub(crate) struct Decoded {
 /// scopes: execution is sequentially consistent per block and atomics are real host atomics, which is at least as
 /// strong as any PTX order).
 const IGNORABLE: &[&str] = &[
-    "uni", "ca", "cg", "cs", "lu", "cv", "wb", "wt", "nc", "volatile", "relaxed", "acquire", "release", "acq_rel",
-    "weak", "sc", "cta", "gpu", "sys", "cluster", "aligned", "approx", "full", "sync", "L1::no_allocate",
-    "L1::evict_last", "L1::evict_first", "L1::evict_normal", "L1::evict_unchanged", "L2::64B", "L2::128B",
-    "L2::256B", "L2::evict_first", "L2::evict_last", "L2::evict_normal", "noftz", "shared::cta", "mmio",
+    "uni",
+    "ca",
+    "cg",
+    "cs",
+    "lu",
+    "cv",
+    "wb",
+    "wt",
+    "nc",
+    "volatile",
+    "relaxed",
+    "acquire",
+    "release",
+    "acq_rel",
+    "weak",
+    "sc",
+    "cta",
+    "gpu",
+    "sys",
+    "cluster",
+    "aligned",
+    "approx",
+    "full",
+    "sync",
+    "L1::no_allocate",
+    "L1::evict_last",
+    "L1::evict_first",
+    "L1::evict_normal",
+    "L1::evict_unchanged",
+    "L2::64B",
+    "L2::128B",
+    "L2::256B",
+    "L2::evict_first",
+    "L2::evict_last",
+    "L2::evict_normal",
+    "noftz",
+    "shared::cta",
+    "mmio",
 ];
 
 struct Mods {
@@ -59,16 +93,26 @@ impl Mods {
         out
     }
     fn rnd(&mut self) -> Option<Rnd> {
-        self.take_any(&["rn", "rz", "rm", "rp"]).map(|r| match r.as_str() {
-            "rz" => Rnd::Rz,
-            "rm" => Rnd::Rm,
-            "rp" => Rnd::Rp,
-            _ => Rnd::Rn,
-        })
+        self.take_any(&["rn", "rz", "rm", "rp"])
+            .map(|r| match r.as_str() {
+                "rz" => Rnd::Rz,
+                "rm" => Rnd::Rm,
+                "rp" => Rnd::Rp,
+                _ => Rnd::Rn,
+            })
     }
     fn space(&mut self) -> Space {
         match self
-            .take_any(&["global", "shared", "shared::cta", "local", "const", "param", "param::entry", "param::func"])
+            .take_any(&[
+                "global",
+                "shared",
+                "shared::cta",
+                "local",
+                "const",
+                "param",
+                "param::entry",
+                "param::func",
+            ])
             .as_deref()
         {
             Some("global") => Space::Global,
@@ -179,7 +223,8 @@ fn lit_to_bits(l: Lit, ty: Option<Ty>) -> u64 {
 }
 
 fn var_size(v: &AstVar) -> Result<(u64, u32, bool), String> {
-    let ty = Ty::parse(v.ty.trim_start_matches('.')).ok_or_else(|| format!("unknown type {}", v.ty))?;
+    let ty =
+        Ty::parse(v.ty.trim_start_matches('.')).ok_or_else(|| format!("unknown type {}", v.ty))?;
     let elem = ty.bytes() as u64 * v.vec as u64;
     let mut n = 1u64;
     let mut unsized_ = false;
@@ -194,7 +239,8 @@ fn var_size(v: &AstVar) -> Result<(u64, u32, bool), String> {
 }
 
 fn param_layout(p: &AstParam) -> Result<(u32, u32), String> {
-    let ty = Ty::parse(p.ty.trim_start_matches('.')).ok_or_else(|| format!("unknown param type {}", p.ty))?;
+    let ty = Ty::parse(p.ty.trim_start_matches('.'))
+        .ok_or_else(|| format!("unknown param type {}", p.ty))?;
     let elem = ty.bytes();
     let size = elem * p.array.unwrap_or(1) as u32;
     let align = p.align.unwrap_or(elem).max(1);
@@ -210,6 +256,12 @@ pub(crate) fn decode(ast: &AstModule) -> Result<Decoded, PtxError> {
     let mut globals = Vec::new();
     let mut shared = Vec::new();
     for v in &ast.vars {
+        if matches!(v.ty.as_str(), ".texref" | ".samplerref" | ".surfref") {
+            return Err(PtxError::Unsupported {
+                kernel: String::new(),
+                instruction: format!("{} {} (texture/surface references)", v.ty, v.name),
+            });
+        }
         let perr = |msg: String| PtxError::Parse { line: v.line, msg };
         let (size, align, unsized_) = var_size(v).map_err(perr)?;
         match v.space.as_str() {
@@ -324,7 +376,8 @@ pub(crate) fn decode(ast: &AstModule) -> Result<Decoded, PtxError> {
                     name: f.name.clone(),
                     is_entry: f.is_entry,
                     entry_pc: 0,
-                    frame_size: off as u32,
+                    // kernel parameters live in the parameter buffer, not in the frame
+                    frame_size: if f.is_entry { 0 } else { off as u32 },
                     param_offsets,
                     param_sizes,
                     ret_offset,
@@ -416,7 +469,8 @@ pub(crate) fn decode(ast: &AstModule) -> Result<Decoded, PtxError> {
                     }
                 }
                 Stmt::Var(v) => {
-                    let (size, align, unsized_) = var_size(v).map_err(|msg| PtxError::Parse { line: v.line, msg })?;
+                    let (size, align, unsized_) =
+                        var_size(v).map_err(|msg| PtxError::Parse { line: v.line, msg })?;
                     let name = match v.space.as_str() {
                         ".local" | ".param" => {
                             frame = align_up(frame, align as u64);
@@ -442,7 +496,10 @@ pub(crate) fn decode(ast: &AstModule) -> Result<Decoded, PtxError> {
                             })
                         }
                     };
-                    cx.scopes.last_mut().expect("scope").insert(v.name.clone(), name);
+                    cx.scopes
+                        .last_mut()
+                        .expect("scope")
+                        .insert(v.name.clone(), name);
                 }
                 Stmt::Inst {
                     guard,
@@ -466,17 +523,19 @@ pub(crate) fn decode(ast: &AstModule) -> Result<Decoded, PtxError> {
                             }
                         },
                     };
-                    let inst = decode_inst(&cx, &funcs, fi, frame as u32, opcode, ops).map_err(|e| match e {
-                        DErr::Unsupported(m) => unsup(if m.is_empty() {
-                            format!("{opcode} (line {line})")
-                        } else {
-                            format!("{opcode}: {m} (line {line})")
-                        }),
-                        DErr::Bad(m) => PtxError::Parse {
-                            line: *line,
-                            msg: format!("{opcode}: {m}"),
+                    let inst = decode_inst(&cx, &funcs, fi, frame as u32, opcode, ops).map_err(
+                        |e| match e {
+                            DErr::Unsupported(m) => unsup(if m.is_empty() {
+                                format!("{opcode} (line {line})")
+                            } else {
+                                format!("{opcode}: {m} (line {line})")
+                            }),
+                            DErr::Bad(m) => PtxError::Parse {
+                                line: *line,
+                                msg: format!("{opcode}: {m}"),
+                            },
                         },
-                    })?;
+                    )?;
                     if let Inst::Call { func, .. } = &inst {
                         callees.push(*func);
                     }
@@ -511,7 +570,9 @@ pub(crate) fn decode(ast: &AstModule) -> Result<Decoded, PtxError> {
         }
     }
     for i in 0..funcs.len() {
-        if !funcs[i].has_body && (funcs[i].is_entry || funcs.iter().any(|f| f.callees.contains(&(i as u32)))) {
+        if !funcs[i].has_body
+            && (funcs[i].is_entry || funcs.iter().any(|f| f.callees.contains(&(i as u32))))
+        {
             return Err(PtxError::Unsupported {
                 kernel: funcs[i].name.clone(),
                 instruction: "call of an external function without a body".into(),
@@ -569,7 +630,9 @@ fn src(cx: &FnCtx, o: &AOp, ty: Option<Ty>) -> Result<Op, DErr> {
             }
             match cx.lookup(name) {
                 Some(Name::Reg(r)) => Ok(if *neg { Op::NotPred(r) } else { Op::Reg(r) }),
-                Some(_) => Err(DErr::Unsupported(format!("symbol {name} used as a value operand"))),
+                Some(_) => Err(DErr::Unsupported(format!(
+                    "symbol {name} used as a value operand"
+                ))),
                 None => {
                     if name.starts_with('%') && sreg(name).is_none() && !name.contains('.') {
                         bad(format!("unknown register {name}"))
@@ -698,7 +761,10 @@ fn decode_inst(
             match (&ops[0], &ops[1]) {
                 (AOp::Vec(ds), a) => {
                     let part_bits = ty.bits() / ds.len() as u32;
-                    let ds = ds.iter().map(|d| dst_opt(cx, d)).collect::<Result<Vec<_>, _>>()?;
+                    let ds = ds
+                        .iter()
+                        .map(|d| dst_opt(cx, d))
+                        .collect::<Result<Vec<_>, _>>()?;
                     Inst::Unpack {
                         ds,
                         a: src(cx, a, Some(ty))?,
@@ -707,7 +773,10 @@ fn decode_inst(
                 }
                 (d, AOp::Vec(parts)) => {
                     let part_bits = ty.bits() / parts.len() as u32;
-                    let parts = parts.iter().map(|p| src(cx, p, None)).collect::<Result<Vec<_>, _>>()?;
+                    let parts = parts
+                        .iter()
+                        .map(|p| src(cx, p, None))
+                        .collect::<Result<Vec<_>, _>>()?;
                     Inst::Pack {
                         d: dst(cx, d)?,
                         parts,
@@ -736,7 +805,8 @@ fn decode_inst(
                 },
             }
         }
-        "add" | "sub" | "mul" | "div" | "rem" | "min" | "max" | "and" | "or" | "xor" | "shl" | "shr" | "copysign" => {
+        "add" | "sub" | "mul" | "div" | "rem" | "min" | "max" | "and" | "or" | "xor" | "shl"
+        | "shr" | "copysign" => {
             need(ops, 3)?;
             let ftz = m.take("ftz");
             let sat = m.take("sat");
@@ -750,7 +820,15 @@ fn decode_inst(
             let ty = one_ty(&mut m)?;
             let d = dst(cx, &ops[0])?;
             let a = src(cx, &ops[1], Some(ty))?;
-            let b = src(cx, &ops[2], if base == "shl" || base == "shr" { None } else { Some(ty) })?;
+            let b = src(
+                cx,
+                &ops[2],
+                if base == "shl" || base == "shr" {
+                    None
+                } else {
+                    Some(ty)
+                },
+            )?;
             if ty == Ty::Pred {
                 let op = match base {
                     "and" => BoolOp::And,
@@ -775,7 +853,9 @@ fn decode_inst(
                     return Err(DErr::Unsupported(".sat on float arithmetic".into()));
                 }
                 if ty == Ty::F64 && rnd.is_some_and(|r| r != Rnd::Rn) && op == FOp::Div {
-                    return Err(DErr::Unsupported("directed rounding of f64 division".into()));
+                    return Err(DErr::Unsupported(
+                        "directed rounding of f64 division".into(),
+                    ));
                 }
                 Inst::Float {
                     op,
@@ -881,8 +961,8 @@ fn decode_inst(
                 }
             }
         }
-        "neg" | "abs" | "not" | "cnot" | "popc" | "clz" | "brev" | "rcp" | "sqrt" | "rsqrt" | "ex2" | "lg2" | "sin"
-        | "cos" | "tanh" => {
+        "neg" | "abs" | "not" | "cnot" | "popc" | "clz" | "brev" | "rcp" | "sqrt" | "rsqrt"
+        | "ex2" | "lg2" | "sin" | "cos" | "tanh" => {
             need(ops, 2)?;
             let ftz = m.take("ftz");
             let rnd = m.rnd();
@@ -928,7 +1008,9 @@ fn decode_inst(
             }
             let rnd = rnd.unwrap_or(Rnd::Rn);
             if rnd != Rnd::Rn && matches!(op, UOp::Rcp | UOp::Sqrt) && ty == Ty::F64 {
-                return Err(DErr::Unsupported("directed rounding of f64 rcp/sqrt".into()));
+                return Err(DErr::Unsupported(
+                    "directed rounding of f64 rcp/sqrt".into(),
+                ));
             }
             Inst::Unary {
                 op,
@@ -968,7 +1050,9 @@ fn decode_inst(
             need(ops, 4)?;
             let ty = one_ty(&mut m)?;
             if ty != Ty::B(32) || !m.parts.is_empty() {
-                return Err(DErr::Unsupported("prmt modes other than the default".into()));
+                return Err(DErr::Unsupported(
+                    "prmt modes other than the default".into(),
+                ));
             }
             Inst::Prmt {
                 d: dst(cx, &ops[0])?,
@@ -1026,14 +1110,20 @@ fn decode_inst(
             need(ops, n)?;
             let (d, d2) = match &ops[0] {
                 AOp::Pair(p, q) => (
-                    dst(cx, &AOp::Name {
-                        name: p.clone(),
-                        neg: false,
-                    })?,
-                    Some(dst(cx, &AOp::Name {
-                        name: q.clone(),
-                        neg: false,
-                    })?),
+                    dst(
+                        cx,
+                        &AOp::Name {
+                            name: p.clone(),
+                            neg: false,
+                        },
+                    )?,
+                    Some(dst(
+                        cx,
+                        &AOp::Name {
+                            name: q.clone(),
+                            neg: false,
+                        },
+                    )?),
                 ),
                 o => (dst(cx, o)?, None),
             };
@@ -1121,9 +1211,7 @@ fn decode_inst(
                 if let Some(Name::Sym(sym)) = cx.lookup(name) {
                     // cvta.global.u64 %rd, sym: address of the symbol, then convert
                     let _ = ty;
-                    return finish(&m, Inst::MovSym { d, sym, off: 0 }).and_then(|_| {
-                        Ok(Inst::MovSym { d, sym, off: 0 })
-                    });
+                    return finish(&m, Inst::MovSym { d, sym, off: 0 });
                 }
             }
             Inst::Cvta {
@@ -1136,7 +1224,14 @@ fn decode_inst(
         "testp" => {
             need(ops, 2)?;
             let what = m
-                .take_any(&["finite", "infinite", "number", "notanumber", "normal", "subnormal"])
+                .take_any(&[
+                    "finite",
+                    "infinite",
+                    "number",
+                    "notanumber",
+                    "normal",
+                    "subnormal",
+                ])
                 .ok_or_else(|| DErr::Bad("testp needs a test".into()))?;
             let ty = one_ty(&mut m)?;
             check_f3264(ty)?;
@@ -1157,7 +1252,10 @@ fn decode_inst(
         "ld" | "ldu" | "st" => {
             need(ops, 2)?;
             let space = m.space();
-            if m.take("L2::cache_hint") || m.parts.iter().any(|p| p.starts_with("L2::prefetch") || p == "unified")
+            if m.take("L2::cache_hint")
+                || m.parts
+                    .iter()
+                    .any(|p| p.starts_with("L2::prefetch") || p == "unified")
             {
                 m.parts.retain(|p| !p.starts_with("L2::prefetch"));
                 if m.take("unified") {
@@ -1172,7 +1270,10 @@ fn decode_inst(
             if base == "st" {
                 let a = addr(cx, &ops[0])?;
                 let vals = match &ops[1] {
-                    AOp::Vec(v) => v.iter().map(|o| src(cx, o, Some(ty))).collect::<Result<Vec<_>, _>>()?,
+                    AOp::Vec(v) => v
+                        .iter()
+                        .map(|o| src(cx, o, Some(ty)))
+                        .collect::<Result<Vec<_>, _>>()?,
                     o => vec![src(cx, o, Some(ty))?],
                 };
                 if vals.len() != n {
@@ -1187,7 +1288,10 @@ fn decode_inst(
             } else {
                 let a = addr(cx, &ops[1])?;
                 let ds = match &ops[0] {
-                    AOp::Vec(v) => v.iter().map(|o| dst_opt(cx, o)).collect::<Result<Vec<_>, _>>()?,
+                    AOp::Vec(v) => v
+                        .iter()
+                        .map(|o| dst_opt(cx, o))
+                        .collect::<Result<Vec<_>, _>>()?,
                     o => vec![Some(dst(cx, o)?)],
                 };
                 if ds.len() != n {
@@ -1207,7 +1311,9 @@ fn decode_inst(
                 return unsup();
             }
             let opname = m
-                .take_any(&["add", "min", "max", "inc", "dec", "and", "or", "xor", "exch", "cas"])
+                .take_any(&[
+                    "add", "min", "max", "inc", "dec", "and", "or", "xor", "exch", "cas",
+                ])
                 .ok_or_else(|| DErr::Unsupported("atomic operation".into()))?;
             m.take("noftz");
             if m.vec() != 1 {
@@ -1289,15 +1395,22 @@ fn decode_inst(
                 match o {
                     AOp::Name { name, .. } => match cx.lookup(name) {
                         Some(Name::Sym(Sym::Frame(off))) => Ok(off),
-                        _ => Err(DErr::Unsupported(format!("call argument {name} is not a .param variable"))),
+                        _ => Err(DErr::Unsupported(format!(
+                            "call argument {name} is not a .param variable"
+                        ))),
                     },
-                    _ => Err(DErr::Unsupported("call argument that is not a .param variable".into())),
+                    _ => Err(DErr::Unsupported(
+                        "call argument that is not a .param variable".into(),
+                    )),
                 }
             };
             let mut args = Vec::new();
             if let Some(AOp::List(a)) = ops.get(i + 1) {
                 if a.len() != callee.param_offsets.len() {
-                    return bad(format!("{fname} takes {} arguments", callee.param_offsets.len()));
+                    return bad(format!(
+                        "{fname} takes {} arguments",
+                        callee.param_offsets.len()
+                    ));
                 }
                 for (k, o) in a.iter().enumerate() {
                     args.push(FrameCopy {
@@ -1345,10 +1458,8 @@ fn decode_inst(
             m.take("cta");
             let arrive = m.take("arrive");
             let red = m.take("red");
-            if !arrive && !red {
-                if !m.take("sync") {
-                    return unsup();
-                }
+            if !arrive && !red && !m.take("sync") {
+                return unsup();
             }
             m.take("aligned");
             if red {
@@ -1392,7 +1503,10 @@ fn decode_inst(
             }
         }
         "membar" | "fence" => {
-            if m.parts.iter().any(|p| p.starts_with("proxy") || p.starts_with("mbarrier")) {
+            if m.parts
+                .iter()
+                .any(|p| p.starts_with("proxy") || p.starts_with("mbarrier"))
+            {
                 return unsup();
             }
             m.take_any(&["cta", "gl", "sys", "gpu", "sc", "acq_rel", "cluster"]);
@@ -1417,14 +1531,20 @@ fn decode_inst(
             }
             let (d, pd) = match &ops[0] {
                 AOp::Pair(a, b) => (
-                    dst(cx, &AOp::Name {
-                        name: a.clone(),
-                        neg: false,
-                    })?,
-                    Some(dst(cx, &AOp::Name {
-                        name: b.clone(),
-                        neg: false,
-                    })?),
+                    dst(
+                        cx,
+                        &AOp::Name {
+                            name: a.clone(),
+                            neg: false,
+                        },
+                    )?,
+                    Some(dst(
+                        cx,
+                        &AOp::Name {
+                            name: b.clone(),
+                            neg: false,
+                        },
+                    )?),
                 ),
                 o => (dst(cx, o)?, None),
             };
@@ -1476,14 +1596,20 @@ fn decode_inst(
             need(ops, 3)?;
             let (d, pd) = match &ops[0] {
                 AOp::Pair(a, b) => (
-                    dst(cx, &AOp::Name {
-                        name: a.clone(),
-                        neg: false,
-                    })?,
-                    Some(dst(cx, &AOp::Name {
-                        name: b.clone(),
-                        neg: false,
-                    })?),
+                    dst(
+                        cx,
+                        &AOp::Name {
+                            name: a.clone(),
+                            neg: false,
+                        },
+                    )?,
+                    Some(dst(
+                        cx,
+                        &AOp::Name {
+                            name: b.clone(),
+                            neg: false,
+                        },
+                    )?),
                 ),
                 o => (dst(cx, o)?, None),
             };
@@ -1498,7 +1624,10 @@ fn decode_inst(
         }
         "redux" => {
             m.take("sync");
-            let op = match m.take_any(&["add", "min", "max", "and", "or", "xor"]).as_deref() {
+            let op = match m
+                .take_any(&["add", "min", "max", "and", "or", "xor"])
+                .as_deref()
+            {
                 Some("add") => ReduxOp::Add,
                 Some("min") => ReduxOp::Min,
                 Some("max") => ReduxOp::Max,

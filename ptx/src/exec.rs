@@ -1,10 +1,15 @@
 //! The interpreter: blocks on host threads, warps of 32 lanes in lock-step inside a block.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use crate::float::{self, Rnd};
 use crate::ir::*;
-use crate::{DeviceMemory, LaunchConfig, LaunchError, Module, LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SIZE};
+use crate::{
+    DeviceMemory, LaunchConfig, LaunchError, Module, LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW,
+    WINDOW_SIZE,
+};
 
 const RUN: u8 = 0;
 const EXITED: u8 = 1;
@@ -173,7 +178,12 @@ impl Launch<'_> {
             }
             let live: u32 = warps
                 .iter()
-                .map(|w| w.state.iter().filter(|&&s| s == RUN || s == AT_BAR || s == AT_WSYNC).count() as u32)
+                .map(|w| {
+                    w.state
+                        .iter()
+                        .filter(|&&s| s == RUN || s == AT_BAR || s == AT_WSYNC)
+                        .count() as u32
+                })
                 .sum();
             if live == 0 {
                 return Ok(());
@@ -183,7 +193,11 @@ impl Launch<'_> {
             for id in 0..16usize {
                 let waiting: u32 = warps
                     .iter()
-                    .map(|w| (0..32).filter(|&l| w.state[l] == AT_BAR && w.bar_id[l] == id as u32).count() as u32)
+                    .map(|w| {
+                        (0..32)
+                            .filter(|&l| w.state[l] == AT_BAR && w.bar_id[l] == id as u32)
+                            .count() as u32
+                    })
                     .sum();
                 if waiting == 0 {
                     continue;
@@ -202,7 +216,11 @@ impl Launch<'_> {
                 let (w, l) = warps
                     .iter()
                     .enumerate()
-                    .find_map(|(wi, w)| (0..32).find(|&l| w.state[l] == AT_BAR || w.state[l] == AT_WSYNC).map(|l| (wi, l)))
+                    .find_map(|(wi, w)| {
+                        (0..32)
+                            .find(|&l| w.state[l] == AT_BAR || w.state[l] == AT_WSYNC)
+                            .map(|l| (wi, l))
+                    })
                     .unwrap_or((0, 0));
                 let pc = warps[w].pc[l] as usize;
                 return Err(self.unsupported(format!(
@@ -222,7 +240,11 @@ impl Launch<'_> {
         for w in warps.iter() {
             for l in 0..32 {
                 if w.state[l] == AT_BAR && w.bar_id[l] == id {
-                    if let Inst::Bar { red: Some((_, _, p)), .. } = &self.m.code[w.pc[l] as usize].inst {
+                    if let Inst::Bar {
+                        red: Some((_, _, p)),
+                        ..
+                    } = &self.m.code[w.pc[l] as usize].inst
+                    {
                         let v = self.read_plain(w, *p, l) & 1 == 1;
                         popc += v as u64;
                         all &= v;
@@ -234,7 +256,11 @@ impl Launch<'_> {
         for w in warps.iter_mut() {
             for l in 0..32 {
                 if w.state[l] == AT_BAR && w.bar_id[l] == id {
-                    if let Inst::Bar { red: Some((op, d, _)), .. } = &self.m.code[w.pc[l] as usize].inst {
+                    if let Inst::Bar {
+                        red: Some((op, d, _)),
+                        ..
+                    } = &self.m.code[w.pc[l] as usize].inst
+                    {
                         let v = match op {
                             ReduxOp::Add => popc,
                             ReduxOp::And => all as u64,
@@ -350,7 +376,11 @@ impl Launch<'_> {
                             jump = Some(*target);
                         } else {
                             for l in lanes(group) {
-                                w.pc[l] = if exec & (1 << l) != 0 { *target } else { pc + 1 };
+                                w.pc[l] = if exec & (1 << l) != 0 {
+                                    *target
+                                } else {
+                                    pc + 1
+                                };
                             }
                             continue 'sched;
                         }
@@ -449,7 +479,9 @@ impl Launch<'_> {
                             });
                         }
                     }
-                    Inst::Bar { id, count, wait, .. } => {
+                    Inst::Bar {
+                        id, count, wait, ..
+                    } => {
                         for l in lanes(group) {
                             w.pc[l] = pc + 1;
                         }
@@ -540,7 +572,17 @@ impl Launch<'_> {
     }
 
     /// Resolves `len` bytes at `addr` in `space` to a host pointer.
-    fn locate(&self, w: &mut Warp, blk: &mut BlockState, space: Space, addr: u64, len: u64, l: usize, write: bool) -> R<Loc> {
+    #[allow(clippy::too_many_arguments)]
+    fn locate(
+        &self,
+        w: &mut Warp,
+        blk: &mut BlockState,
+        space: Space,
+        addr: u64,
+        len: u64,
+        l: usize,
+        write: bool,
+    ) -> R<Loc> {
         let in_win = |base: u64| addr >= base && addr - base < WINDOW_SIZE;
         let which = match space {
             Space::Global | Space::Const => 0,
@@ -568,7 +610,7 @@ impl Launch<'_> {
         let off_in = |base: u64| if addr >= base { addr - base } else { addr };
         match which {
             0 => {
-                if addr % len != 0 {
+                if !addr.is_multiple_of(len) {
                     return Err(self.illegal(addr));
                 }
                 match self.mem.translate(addr, len) {
@@ -578,7 +620,9 @@ impl Launch<'_> {
             }
             1 => {
                 let o = off_in(SHARED_WINDOW);
-                if o.checked_add(len).is_none_or(|e| e > blk.shared.len() as u64) {
+                if o.checked_add(len)
+                    .is_none_or(|e| e > blk.shared.len() as u64)
+                {
                     return Err(self.illegal(addr));
                 }
                 Ok(Loc::Host(blk.shared[o as usize..].as_mut_ptr()))
@@ -593,7 +637,10 @@ impl Launch<'_> {
             }
             _ => {
                 let o = addr - PARAM_WINDOW;
-                if write || o.checked_add(len).is_none_or(|e| e > self.params.len() as u64) {
+                if write
+                    || o.checked_add(len)
+                        .is_none_or(|e| e > self.params.len() as u64)
+                {
                     return Err(self.illegal(addr));
                 }
                 Ok(Loc::Param(o as usize))
@@ -663,7 +710,8 @@ impl Launch<'_> {
                     let mut cur = a.load(Ordering::Relaxed);
                     loop {
                         let new = f(cur as u64) as u32;
-                        match a.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                        match a.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
+                        {
                             Ok(_) => return cur as u64,
                             Err(c) => cur = c,
                         }
@@ -674,7 +722,8 @@ impl Launch<'_> {
                     let mut cur = a.load(Ordering::Relaxed);
                     loop {
                         let new = f(cur);
-                        match a.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                        match a.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
+                        {
                             Ok(_) => return cur,
                             Err(c) => cur = c,
                         }
@@ -691,7 +740,15 @@ impl Launch<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn exec(&self, w: &mut Warp, blk: &mut BlockState, inst: &Inst, exec: u32, group: u32, opcode: &str) -> R<()> {
+    fn exec(
+        &self,
+        w: &mut Warp,
+        blk: &mut BlockState,
+        inst: &Inst,
+        exec: u32,
+        group: u32,
+        opcode: &str,
+    ) -> R<()> {
         macro_rules! each {
             (|$l:ident| $body:expr) => {
                 for $l in lanes(exec) {
@@ -716,7 +773,11 @@ impl Launch<'_> {
                 let v = self.sym_addr(w, l, *sym).wrapping_add(*off as u64);
                 set!(d, l, v)
             }),
-            Inst::Pack { d, parts, part_bits } => each!(|l| {
+            Inst::Pack {
+                d,
+                parts,
+                part_bits,
+            } => each!(|l| {
                 let mut v = 0u64;
                 for (i, p) in parts.iter().enumerate() {
                     v |= (self.rd(w, blk, *p, l) & mask(*part_bits)) << (i as u32 * part_bits);
@@ -753,7 +814,15 @@ impl Launch<'_> {
                     set!(d, l, v & mask(bits * 2))
                 })
             }
-            Inst::Mad { mode, sat, ty, d, a, b, c } => {
+            Inst::Mad {
+                mode,
+                sat,
+                ty,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 let bits = ty.bits();
                 let signed = ty.is_signed();
                 each!(|l| {
@@ -765,7 +834,8 @@ impl Launch<'_> {
                         MadMode::Hi => {
                             let h = int_op(IntOp::MulHi, bits, signed, x, y);
                             if *sat {
-                                (sext(h, 32) + sext(z, 32)).clamp(i32::MIN as i64, i32::MAX as i64) as u64
+                                (sext(h, 32) + sext(z, 32)).clamp(i32::MIN as i64, i32::MAX as i64)
+                                    as u64
                                     & mask(32)
                             } else {
                                 h.wrapping_add(z) & mask(bits)
@@ -783,17 +853,41 @@ impl Launch<'_> {
                     set!(d, l, v)
                 })
             }
-            Inst::Float { op, ty, rnd, ftz, d, a, b } => each!(|l| {
+            Inst::Float {
+                op,
+                ty,
+                rnd,
+                ftz,
+                d,
+                a,
+                b,
+            } => each!(|l| {
                 let x = self.rd(w, blk, *a, l);
                 let y = self.rd(w, blk, *b, l);
                 let v = if *ty == Ty::F32 {
-                    f32_op(*op, *rnd, *ftz, f32::from_bits(x as u32), f32::from_bits(y as u32)).to_bits() as u64
+                    f32_op(
+                        *op,
+                        *rnd,
+                        *ftz,
+                        f32::from_bits(x as u32),
+                        f32::from_bits(y as u32),
+                    )
+                    .to_bits() as u64
                 } else {
                     f64_op(*op, *rnd, f64::from_bits(x), f64::from_bits(y)).to_bits()
                 };
                 set!(d, l, v)
             }),
-            Inst::Fma { ty, rnd, ftz, sat, d, a, b, c } => each!(|l| {
+            Inst::Fma {
+                ty,
+                rnd,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+                c,
+            } => each!(|l| {
                 let x = self.rd(w, blk, *a, l);
                 let y = self.rd(w, blk, *b, l);
                 let z = self.rd(w, blk, *c, l);
@@ -830,7 +924,14 @@ impl Launch<'_> {
                 };
                 set!(d, l, v)
             }),
-            Inst::Unary { op, ty, ftz, rnd, d, a } => {
+            Inst::Unary {
+                op,
+                ty,
+                ftz,
+                rnd,
+                d,
+                a,
+            } => {
                 let bits = ty.bits();
                 each!(|l| {
                     let x = self.rd(w, blk, *a, l);
@@ -899,7 +1000,14 @@ impl Launch<'_> {
                 }
                 set!(d, l, v)
             }),
-            Inst::Shf { left, clamp, d, a, b, c } => each!(|l| {
+            Inst::Shf {
+                left,
+                clamp,
+                d,
+                a,
+                b,
+                c,
+            } => each!(|l| {
                 let lo = self.rd(w, blk, *a, l) & 0xffff_ffff;
                 let hi = self.rd(w, blk, *b, l) & 0xffff_ffff;
                 let n = self.rd(w, blk, *c, l) as u32;
@@ -912,7 +1020,15 @@ impl Launch<'_> {
                 };
                 set!(d, l, v)
             }),
-            Inst::Setp { cmp, ty, d, d2, a, b, comb } => each!(|l| {
+            Inst::Setp {
+                cmp,
+                ty,
+                d,
+                d2,
+                a,
+                b,
+                comb,
+            } => each!(|l| {
                 let x = self.rd(w, blk, *a, l);
                 let y = self.rd(w, blk, *b, l);
                 let r = compare(*cmp, *ty, x, y);
@@ -955,7 +1071,15 @@ impl Launch<'_> {
                 };
                 set!(d, l, v)
             }),
-            Inst::Cvt { dt, st, rnd, sat, ftz, d, a } => each!(|l| {
+            Inst::Cvt {
+                dt,
+                st,
+                rnd,
+                sat,
+                ftz,
+                d,
+                a,
+            } => each!(|l| {
                 let x = self.rd(w, blk, *a, l);
                 set!(d, l, cvt(*dt, *st, *rnd, *sat, *ftz, x))
             }),
@@ -1004,11 +1128,19 @@ impl Launch<'_> {
                 };
                 set!(d, l, r as u64)
             }),
-            Inst::Ld { space, ty, ds, addr } => {
+            Inst::Ld {
+                space,
+                ty,
+                ds,
+                addr,
+            } => {
                 let len = ty.bytes() as u64;
                 for l in lanes(exec) {
                     let a0 = self.eff_addr(w, l, addr);
-                    if ds.len() > 1 && a0 % (len * ds.len() as u64) != 0 && *space != Space::Param {
+                    if ds.len() > 1
+                        && !a0.is_multiple_of(len * ds.len() as u64)
+                        && *space != Space::Param
+                    {
                         return Err(self.illegal(a0));
                     }
                     for (i, dd) in ds.iter().enumerate() {
@@ -1024,11 +1156,19 @@ impl Launch<'_> {
                     }
                 }
             }
-            Inst::St { space, ty, vals, addr } => {
+            Inst::St {
+                space,
+                ty,
+                vals,
+                addr,
+            } => {
                 let len = ty.bytes() as u64;
                 for l in lanes(exec) {
                     let a0 = self.eff_addr(w, l, addr);
-                    if vals.len() > 1 && a0 % (len * vals.len() as u64) != 0 && *space != Space::Param {
+                    if vals.len() > 1
+                        && !a0.is_multiple_of(len * vals.len() as u64)
+                        && *space != Space::Param
+                    {
                         return Err(self.illegal(a0));
                     }
                     for (i, v) in vals.iter().enumerate() {
@@ -1039,14 +1179,22 @@ impl Launch<'_> {
                     }
                 }
             }
-            Inst::Atom { space, op, ty, d, addr, b, c } => {
+            Inst::Atom {
+                space,
+                op,
+                ty,
+                d,
+                addr,
+                b,
+                c,
+            } => {
                 let len = ty.bytes() as u64;
                 let bits = ty.bits();
                 for l in lanes(exec) {
                     let ad = self.eff_addr(w, l, addr);
                     let loc = self.locate(w, blk, *space, ad, len, l, true)?;
                     if let Loc::Host(p) = loc {
-                        if (p as usize) % len as usize != 0 && ad % len != 0 {
+                        if !(p as usize).is_multiple_of(len as usize) && !ad.is_multiple_of(len) {
                             return Err(self.illegal(ad));
                         }
                     }
@@ -1061,7 +1209,15 @@ impl Launch<'_> {
                 }
             }
             Inst::Fence | Inst::Nop | Inst::WarpSync { .. } => {}
-            Inst::Shfl { mode, d, pd, a, b, c, mask: _ } => {
+            Inst::Shfl {
+                mode,
+                d,
+                pd,
+                a,
+                b,
+                c,
+                mask: _,
+            } => {
                 let mut vals = [0u64; 32];
                 for (l, v) in vals.iter_mut().enumerate() {
                     *v = self.read_plain(w, *a, l);
@@ -1104,7 +1260,12 @@ impl Launch<'_> {
                     }
                 })
             }
-            Inst::Vote { mode, d, a, mask: _ } => {
+            Inst::Vote {
+                mode,
+                d,
+                a,
+                mask: _,
+            } => {
                 let mut ballot = 0u32;
                 for l in lanes(exec) {
                     if self.rd(w, blk, *a, l) & 1 == 1 {
@@ -1124,7 +1285,14 @@ impl Launch<'_> {
                 })
             }
             Inst::Activemask { d } => each!(|l| set!(d, l, exec as u64)),
-            Inst::Match { all, bits, d, pd, a, mask: _ } => {
+            Inst::Match {
+                all,
+                bits,
+                d,
+                pd,
+                a,
+                mask: _,
+            } => {
                 let mut vals = [0u64; 32];
                 for l in lanes(exec) {
                     vals[l] = self.rd(w, blk, *a, l) & mask(*bits);
@@ -1151,7 +1319,13 @@ impl Launch<'_> {
                     }
                 })
             }
-            Inst::Redux { op, ty, d, a, mask: _ } => {
+            Inst::Redux {
+                op,
+                ty,
+                d,
+                a,
+                mask: _,
+            } => {
                 let signed = ty.is_signed();
                 let mut acc: Option<u64> = None;
                 for l in lanes(exec) {
@@ -1559,11 +1733,7 @@ fn cvt(dt: Ty, st: Ty, rnd: Option<CvtRnd>, sat: bool, ftz: bool, x: u64) -> u64
             } else {
                 v
             };
-            if dt.is_signed() {
-                (v as u64) & mask(dbits)
-            } else {
-                (v as u64) & mask(dbits)
-            }
+            (v as u64) & mask(dbits)
         }
         (false, true) => {
             let mut f = to_f64(st, x);

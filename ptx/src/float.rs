@@ -154,8 +154,6 @@ pub(crate) fn round_to_format(x: f64, tail: f64, fmt: Format, rnd: Rnd) -> u64 {
             Some(true)
         } else if rem == halfv && tail_dir == 0 {
             Some(false)
-        } else if rem == halfv {
-            None
         } else {
             None
         };
@@ -190,9 +188,12 @@ pub(crate) fn round_to_format(x: f64, tail: f64, fmt: Format, rnd: Rnd) -> u64 {
     }
     let exp_field = qe + mb + bias;
     if exp_field >= exp_max as i64 {
-        let away = !matches!(rnd, Rnd::Rz)
-            && !(rnd == Rnd::Rm && !neg)
-            && !(rnd == Rnd::Rp && neg);
+        let away = match rnd {
+            Rnd::Rn => true,
+            Rnd::Rz => false,
+            Rnd::Rm => neg,
+            Rnd::Rp => !neg,
+        };
         return overflow(away);
     }
     sign | ((exp_field as u64) << fmt.man_bits) | (n - (1u64 << mb))
@@ -330,8 +331,14 @@ mod tests {
         assert_eq!(round_to_format(65520.0, 0.0, F16, Rnd::Rn), 0x7c00);
         assert_eq!(round_to_format(65520.0, 0.0, F16, Rnd::Rz), 0x7bff);
         // 1 + 2^-11 is a tie between 1 and 1+2^-10: even is 1.
-        assert_eq!(round_to_format(1.0 + 2f64.powi(-11), 0.0, F16, Rnd::Rn), 0x3c00);
-        assert_eq!(round_to_format(1.0 + 3.0 * 2f64.powi(-11), 0.0, F16, Rnd::Rn), 0x3c02);
+        assert_eq!(
+            round_to_format(1.0 + 2f64.powi(-11), 0.0, F16, Rnd::Rn),
+            0x3c00
+        );
+        assert_eq!(
+            round_to_format(1.0 + 3.0 * 2f64.powi(-11), 0.0, F16, Rnd::Rn),
+            0x3c02
+        );
         // smallest subnormal 2^-24, half of it ties to zero
         assert_eq!(round_to_format(2f64.powi(-24), 0.0, F16, Rnd::Rn), 1);
         assert_eq!(round_to_format(2f64.powi(-25), 0.0, F16, Rnd::Rn), 0);
@@ -343,7 +350,10 @@ mod tests {
 
     #[test]
     fn f32_directed() {
-        for &(x, rz) in &[(1.0f64 + 2f64.powi(-30), 1.0f32), (-(1.0f64 + 2f64.powi(-30)), -1.0)] {
+        for &(x, rz) in &[
+            (1.0f64 + 2f64.powi(-30), 1.0f32),
+            (-(1.0f64 + 2f64.powi(-30)), -1.0),
+        ] {
             assert_eq!(f32_round(x, 0.0, Rnd::Rz), rz);
         }
         let x = 1.0 + 2f64.powi(-30);
@@ -356,10 +366,17 @@ mod tests {
         // compare with native for random values
         let mut s = 12345u64;
         for _ in 0..10000 {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let v = f64::from_bits((s >> 2) & 0x3fff_ffff_ffff_ffff) * if s & 1 == 1 { -1.0 } else { 1.0 };
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = f64::from_bits((s >> 2) & 0x3fff_ffff_ffff_ffff)
+                * if s & 1 == 1 { -1.0 } else { 1.0 };
             if v.is_finite() {
-                assert_eq!(f32_round(v, 0.0, Rnd::Rn).to_bits(), (v as f32).to_bits(), "{v}");
+                assert_eq!(
+                    f32_round(v, 0.0, Rnd::Rn).to_bits(),
+                    (v as f32).to_bits(),
+                    "{v}"
+                );
             }
         }
     }

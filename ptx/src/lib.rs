@@ -163,7 +163,9 @@ pub struct LaunchStats {
 pub enum PtxError {
     #[error("PTX parse error at line {line}: {msg}")]
     Parse { line: u32, msg: String },
-    #[error("unsupported PTX in {kernel}: {instruction} (the emulated device cannot run this kernel)")]
+    #[error(
+        "unsupported PTX in {kernel}: {instruction} (the emulated device cannot run this kernel)"
+    )]
     Unsupported { kernel: String, instruction: String },
 }
 
@@ -315,7 +317,10 @@ impl Module {
 
     /// Names of the `.entry` kernels, in declaration order.
     pub fn kernel_names(&self) -> Vec<String> {
-        self.kernels.iter().map(|&k| self.funcs[k].name.clone()).collect()
+        self.kernels
+            .iter()
+            .map(|&k| self.funcs[k].name.clone())
+            .collect()
     }
 
     /// Information about kernel `name`.
@@ -351,14 +356,18 @@ impl Module {
         global_addrs: &[u64],
         mem: &dyn DeviceMemory,
     ) -> Result<LaunchStats, LaunchError> {
-        let info = self.kernel(name).ok_or_else(|| LaunchError::NoSuchKernel(name.to_string()))?;
+        let info = self
+            .kernel(name)
+            .ok_or_else(|| LaunchError::NoSuchKernel(name.to_string()))?;
         let k = self.by_name[name];
         let f = &self.funcs[k];
         let b = cfg.block;
         let g = cfg.grid;
         for i in 0..3 {
             if b[i] == 0 || g[i] == 0 {
-                return Err(LaunchError::InvalidConfig(format!("grid {g:?} / block {b:?} has a zero dimension")));
+                return Err(LaunchError::InvalidConfig(format!(
+                    "grid {g:?} / block {b:?} has a zero dimension"
+                )));
             }
             if b[i] > MAX_BLOCK[i] {
                 return Err(LaunchError::InvalidConfig(format!(
@@ -403,7 +412,9 @@ impl Module {
                 cfg.max_dynamic_shared_bytes
             )));
         }
-        if cfg.max_dynamic_shared_bytes > 0 && cfg.dynamic_shared_bytes > cfg.max_dynamic_shared_bytes {
+        if cfg.max_dynamic_shared_bytes > 0
+            && cfg.dynamic_shared_bytes > cfg.max_dynamic_shared_bytes
+        {
             return Err(LaunchError::InvalidConfig(format!(
                 "dynamic shared memory {} exceeds the kernel's max-dynamic-shared attribute {}",
                 cfg.dynamic_shared_bytes, cfg.max_dynamic_shared_bytes
@@ -415,7 +426,12 @@ impl Module {
                 l.static_bytes, cfg.dynamic_shared_bytes
             )));
         }
-        let expected = info.params.iter().map(|p| (p.offset + p.size) as usize).max().unwrap_or(0);
+        let expected = info
+            .params
+            .iter()
+            .map(|p| (p.offset + p.size) as usize)
+            .max()
+            .unwrap_or(0);
         if params.len() < expected {
             return Err(LaunchError::ParamSize {
                 expected,

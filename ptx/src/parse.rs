@@ -23,7 +23,8 @@ fn lex(text: &str) -> Result<Vec<Token>, PtxError> {
     let b = text.as_bytes();
     let mut i = 0;
     let mut line = 1u32;
-    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'%' || c == b'.';
+    let is_word =
+        |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'%' || c == b'.';
     while i < b.len() {
         let c = b[i];
         if c == b'\n' {
@@ -141,7 +142,9 @@ pub(crate) fn parse_lit(s: &str) -> Option<Lit> {
         return u64::from_str_radix(h, 16).ok().map(Lit::F64);
     }
     if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        return u128::from_str_radix(h, 16).ok().map(|v| Lit::Int(v as i128));
+        return u128::from_str_radix(h, 16)
+            .ok()
+            .map(|v| Lit::Int(v as i128));
     }
     if let Some(h) = t.strip_prefix("0b").or_else(|| t.strip_prefix("0B")) {
         return u128::from_str_radix(h, 2).ok().map(|v| Lit::Int(v as i128));
@@ -150,7 +153,9 @@ pub(crate) fn parse_lit(s: &str) -> Option<Lit> {
         return t.parse::<f64>().ok().map(Lit::Float);
     }
     if t.len() > 1 && t.starts_with('0') {
-        return u128::from_str_radix(&t[1..], 8).ok().map(|v| Lit::Int(v as i128));
+        return u128::from_str_radix(&t[1..], 8)
+            .ok()
+            .map(|v| Lit::Int(v as i128));
     }
     t.parse::<u128>().ok().map(|v| Lit::Int(v as i128))
 }
@@ -159,12 +164,18 @@ pub(crate) fn parse_lit(s: &str) -> Option<Lit> {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum AOp {
     /// A register, special register, label or symbol; `neg` for `!%p`.
-    Name { name: String, neg: bool },
+    Name {
+        name: String,
+        neg: bool,
+    },
     Imm(Lit),
     /// `{a, b, ...}`
     Vec(Vec<AOp>),
     /// `[base + off]`; base None for `[imm]`.
-    Addr { base: Option<String>, off: i64 },
+    Addr {
+        base: Option<String>,
+        off: i64,
+    },
     /// `a|b` (two destinations: shfl value|pred, setp p|q)
     Pair(String, String),
     /// `( a, b )` argument lists of `call`
@@ -481,7 +492,10 @@ fn parse_func(p: &mut P, line: u32) -> Result<AstFunc, PtxError> {
                 }
                 maxntid = Some(maxntid.map_or(prod, |m: u32| m.min(prod)));
             }
-            Some(".minnctapersm") | Some(".maxnreg") | Some(".maxnctapersm") | Some(".maxclusterrank") => {
+            Some(".minnctapersm")
+            | Some(".maxnreg")
+            | Some(".maxnctapersm")
+            | Some(".maxclusterrank") => {
                 p.i += 1;
                 p.number()?;
             }
@@ -689,7 +703,9 @@ fn parse_body(p: &mut P) -> Result<Vec<Stmt>, PtxError> {
                         v.is_extern = true;
                         out.push(Stmt::Var(v));
                     }
-                    _ if w.starts_with('.') => return p.err(format!("unsupported directive {w} in a body")),
+                    _ if w.starts_with('.') => {
+                        return p.err(format!("unsupported directive {w} in a body"))
+                    }
                     _ => {
                         p.i += 1;
                         let ops = parse_operands(p)?;
@@ -778,9 +794,8 @@ fn parse_operand(p: &mut P) -> Result<AOp, PtxError> {
                 return Ok(AOp::List(v));
             }
             loop {
-                if p.eat_punct('+') {
-                    off = off.wrapping_add(p.number()? as i64);
-                } else if p.is_punct('-') {
+                if p.eat_punct('+') || p.is_punct('-') {
+                    // `number` reads the sign of `[r-4]` and `[r+-4]`
                     off = off.wrapping_add(p.number()? as i64);
                 } else {
                     break;
@@ -828,7 +843,10 @@ fn parse_operand(p: &mut P) -> Result<AOp, PtxError> {
                 return p.err(format!("{w}() initialisers are not supported"));
             }
             // `sym+4` in initialisers
-            Ok(AOp::Name { name: w, neg: false })
+            Ok(AOp::Name {
+                name: w,
+                neg: false,
+            })
         }
         t => p.err(format!("unexpected {t:?} in operands")),
     }
@@ -841,7 +859,10 @@ mod tests {
     #[test]
     fn literals() {
         assert_eq!(parse_lit("0f3F800000"), Some(Lit::F32(0x3f80_0000)));
-        assert_eq!(parse_lit("0d3FF0000000000000"), Some(Lit::F64(0x3ff0_0000_0000_0000)));
+        assert_eq!(
+            parse_lit("0d3FF0000000000000"),
+            Some(Lit::F64(0x3ff0_0000_0000_0000))
+        );
         assert_eq!(parse_lit("0xff"), Some(Lit::Int(255)));
         assert_eq!(parse_lit("42U"), Some(Lit::Int(42)));
         assert_eq!(parse_lit("1.5"), Some(Lit::Float(1.5)));
@@ -859,7 +880,11 @@ mod tests {
         .unwrap();
         assert_eq!(m.funcs.len(), 2);
         let body = m.funcs[1].body.as_ref().unwrap();
-        assert!(body.iter().any(|s| matches!(s, Stmt::Inst { opcode, .. } if opcode == "call.uni")));
-        assert!(body.iter().any(|s| matches!(s, Stmt::Label(l) if l == "$L1")));
+        assert!(body
+            .iter()
+            .any(|s| matches!(s, Stmt::Inst { opcode, .. } if opcode == "call.uni")));
+        assert!(body
+            .iter()
+            .any(|s| matches!(s, Stmt::Label(l) if l == "$L1")));
     }
 }

@@ -6,6 +6,9 @@
 //! tolerance of 1e-5 (absolute 1e-6 near zero): the GPU's documented bounds are 2 ulp for ex2/lg2 and about 2^-21
 //! absolute for sin/cos on [-pi, pi].
 
+// Index loops mirror the kernels' indexing.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 use common::*;
 
@@ -41,7 +44,10 @@ fn corpus_loads_all_kernels() {
         "warp_misc",
         "float_math",
     ] {
-        assert!(names.iter().any(|n| n == k), "kernel {k} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == k),
+            "kernel {k} missing from {names:?}"
+        );
     }
     let info = m.kernel("struct_by_value").unwrap();
     assert_eq!(info.params[0].size, 32);
@@ -60,11 +66,22 @@ fn saxpy() {
     let y: Vec<f32> = (0..n).map(|_| r.f32(-10.0, 10.0)).collect();
     let (dx, dy) = (a.upload(&x), a.upload(&y));
     let alpha = 1.7f32;
-    launch(m, &a, &g, "saxpy", &cfg([8, 1, 1], [128, 1, 1]), Params::new().i32(n as i32).f32(alpha).ptr(dx).ptr(dy))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "saxpy",
+        &cfg([8, 1, 1], [128, 1, 1]),
+        Params::new().i32(n as i32).f32(alpha).ptr(dx).ptr(dy),
+    )
+    .unwrap();
     let out: Vec<f32> = a.download(dy, n);
     for i in 0..n {
-        assert_eq!(out[i].to_bits(), alpha.mul_add(x[i], y[i]).to_bits(), "i={i}");
+        assert_eq!(
+            out[i].to_bits(),
+            alpha.mul_add(x[i], y[i]).to_bits(),
+            "i={i}"
+        );
     }
 }
 
@@ -77,13 +94,24 @@ fn daxpy_grid_stride() {
     let y: Vec<f64> = (0..n).map(|_| r.f32(-5.0, 5.0) as f64).collect();
     let (dx, dy) = (a.upload(&x), a.upload(&y));
     let al = 0.75f64;
-    launch(m, &a, &g, "daxpy_grid_stride", &cfg([5, 1, 1], [96, 1, 1]), Params::new().i32(n as i32).f64(al).ptr(dx).ptr(dy))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "daxpy_grid_stride",
+        &cfg([5, 1, 1], [96, 1, 1]),
+        Params::new().i32(n as i32).f64(al).ptr(dx).ptr(dy),
+    )
+    .unwrap();
     let out: Vec<f64> = a.download(dy, n);
     for i in 0..n {
         // contraction choices of NVRTC are not reproduced here: compare to 1e-14 relative
         let want = al.mul_add(x[i], y[i]) + x[i] * y[i] - al / (x[i] + 3.0);
-        assert!((out[i] - want).abs() <= 1e-14 * want.abs().max(1.0), "i={i} {} vs {want}", out[i]);
+        assert!(
+            (out[i] - want).abs() <= 1e-14 * want.abs().max(1.0),
+            "i={i} {} vs {want}",
+            out[i]
+        );
     }
 }
 
@@ -100,8 +128,15 @@ fn integer_ops() {
     ys[2] = 2;
     let (dx, dy) = (a.upload(&xs), a.upload(&ys));
     let dout = a.alloc(n * 12 * 4);
-    launch(m, &a, &g, "int_ops", &cfg([7, 1, 1], [128, 1, 1]), Params::new().i32(n as i32).ptr(dx).ptr(dy).ptr(dout))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "int_ops",
+        &cfg([7, 1, 1], [128, 1, 1]),
+        Params::new().i32(n as i32).ptr(dx).ptr(dy).ptr(dout),
+    )
+    .unwrap();
     let out: Vec<i32> = a.download(dout, n * 12);
     for i in 0..n {
         let (x, y) = (xs[i], ys[i]);
@@ -109,7 +144,9 @@ fn integer_ops() {
         let (ux, uy) = (x as u32, yy as u32);
         let prmt = |a: u32, b: u32, s: u32| {
             let bytes = (a as u64) | ((b as u64) << 32);
-            (0..4).fold(0u32, |acc, k| acc | ((((bytes >> (((s >> (4 * k)) & 7) * 8)) & 0xff) as u32) << (8 * k)))
+            (0..4).fold(0u32, |acc, k| {
+                acc | ((((bytes >> (((s >> (4 * k)) & 7) * 8)) & 0xff) as u32) << (8 * k))
+            })
         };
         let w = x as i64 * y as i64;
         let want = [
@@ -120,10 +157,13 @@ fn integer_ops() {
             ((x as i64 * y as i64) >> 32) as i32,
             ((ux as u64 * y as u32 as u64) >> 32) as i32,
             (ux.wrapping_shl((y & 31) as u32) as i32) ^ ((ux >> (y & 15)) as i32) ^ (x >> 3),
-            x.min(y).wrapping_add(x.max(y).wrapping_mul(3)).wrapping_sub(x.wrapping_abs()),
+            x.min(y)
+                .wrapping_add(x.max(y).wrapping_mul(3))
+                .wrapping_sub(x.wrapping_abs()),
             ux.count_ones() as i32 + 100 * x.leading_zeros() as i32,
             ux.reverse_bits() as i32,
-            (((ux >> 5) & 0x3ff) as i32).wrapping_add(prmt(ux, y as u32, 0x3210 + (i as u32 & 7)) as i32),
+            (((ux >> 5) & 0x3ff) as i32)
+                .wrapping_add(prmt(ux, y as u32, 0x3210 + (i as u32 & 7)) as i32),
             ((w >> 17) as i32).wrapping_add(((w as i128 * 12345678901i128) >> 64) as i32),
         ];
         assert_eq!(&out[i * 12..i * 12 + 12], &want, "i={i} x={x} y={y}");
@@ -139,8 +179,15 @@ fn shared_memory_reduction() {
     let dx = a.upload(&x);
     let blocks = n.div_ceil(512);
     let dout = a.alloc(blocks * 4);
-    launch(m, &a, &g, "reduce_sum", &cfg([blocks as u32, 1, 1], [256, 1, 1]), Params::new().ptr(dx).ptr(dout).i32(n as i32))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "reduce_sum",
+        &cfg([blocks as u32, 1, 1], [256, 1, 1]),
+        Params::new().ptr(dx).ptr(dout).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<f32> = a.download(dout, blocks);
     for b in 0..blocks {
         let mut s = [0f32; 256];
@@ -182,7 +229,13 @@ fn atomics() {
         &g,
         "atomics",
         &cfg([8, 1, 1], [128, 1, 1]),
-        Params::new().i32(n as i32).ptr(din).ptr(diacc).ptr(dfacc).ptr(ddacc).ptr(duacc),
+        Params::new()
+            .i32(n as i32)
+            .ptr(din)
+            .ptr(diacc)
+            .ptr(dfacc)
+            .ptr(ddacc)
+            .ptr(duacc),
     )
     .unwrap();
     let ia: Vec<i32> = a.download(diacc, 5);
@@ -195,7 +248,10 @@ fn atomics() {
     assert_eq!(ia[2], *vals.iter().min().unwrap());
     assert_eq!(ia[3], 42);
     assert_eq!(ia[4], 5 + vals.iter().map(|v| 2 * v + 1).sum::<i32>());
-    assert_eq!(fa[0], vals.iter().map(|v| (v & 0xff) as f32 * 0.5).sum::<f32>());
+    assert_eq!(
+        fa[0],
+        vals.iter().map(|v| (v & 0xff) as f32 * 0.5).sum::<f32>()
+    );
     assert_eq!(da[0], vals.iter().map(|&v| v as f64 * 0.25).sum::<f64>());
     assert_eq!(cnt[0], n as u64);
     assert_eq!(ua[0], (n % 101) as u32);
@@ -214,17 +270,29 @@ fn warp_shuffle_and_vote() {
     let din = a.upload(&vals);
     let dout = a.alloc(n * 16);
     let dball = a.alloc(32 * 4);
-    launch(m, &a, &g, "warp_reduce", &cfg([8, 1, 1], [128, 1, 1]), Params::new().ptr(din).ptr(dout).ptr(dball).i32(n as i32))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "warp_reduce",
+        &cfg([8, 1, 1], [128, 1, 1]),
+        Params::new().ptr(din).ptr(dout).ptr(dball).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<i32> = a.download(dout, n * 4);
     let ball: Vec<u32> = a.download(dball, 32);
     for w in 0..32 {
-        let v: Vec<i32> = (0..32).map(|l| vals.get(w * 32 + l).copied().unwrap_or(0)).collect();
+        let v: Vec<i32> = (0..32)
+            .map(|l| vals.get(w * 32 + l).copied().unwrap_or(0))
+            .collect();
         let sum: i32 = v.iter().sum();
         let mx = *v.iter().max().unwrap();
         let all = v.iter().all(|&x| x >= 0) as i32;
         let any = v.iter().any(|&x| x > 90) as i32;
-        let b = v.iter().enumerate().fold(0u32, |acc, (l, &x)| acc | (((x > 10) as u32) << l));
+        let b = v
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (l, &x)| acc | (((x > 10) as u32) << l));
         assert_eq!(ball[w], b, "ballot warp {w}");
         let mut pre = 0;
         for l in 0..32 {
@@ -255,8 +323,17 @@ fn tiled_matmul() {
         &a,
         &g,
         "matmul_tiled",
-        &cfg([nn.div_ceil(16) as u32, mm.div_ceil(16) as u32, 1], [16, 16, 1]),
-        Params::new().ptr(da).ptr(db).ptr(dc).i32(mm as i32).i32(nn as i32).i32(kk as i32),
+        &cfg(
+            [nn.div_ceil(16) as u32, mm.div_ceil(16) as u32, 1],
+            [16, 16, 1],
+        ),
+        Params::new()
+            .ptr(da)
+            .ptr(db)
+            .ptr(dc)
+            .i32(mm as i32)
+            .i32(nn as i32)
+            .i32(kk as i32),
     )
     .unwrap();
     let c: Vec<f32> = a.download(dc, mm * nn);
@@ -264,7 +341,11 @@ fn tiled_matmul() {
         for j in 0..nn {
             let mut acc = 0f32;
             for k in 0..kk.div_ceil(16) * 16 {
-                let (x, y) = if k < kk { (am[i * kk + k], bm[k * nn + j]) } else { (0.0, 0.0) };
+                let (x, y) = if k < kk {
+                    (am[i * kk + k], bm[k * nn + j])
+                } else {
+                    (0.0, 0.0)
+                };
                 acc = x.mul_add(y, acc);
             }
             assert_eq!(c[i * nn + j].to_bits(), acc.to_bits(), "C[{i}][{j}]");
@@ -284,8 +365,15 @@ fn softmax() {
     let x: Vec<f32> = (0..rows * cols).map(|_| r.f32(-8.0, 8.0)).collect();
     let dx = a.upload(&x);
     let dy = a.alloc(rows * cols * 4);
-    launch(m, &a, &g, "softmax_rows", &cfg([rows as u32, 1, 1], [128, 1, 1]), Params::new().ptr(dx).ptr(dy).i32(cols as i32))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "softmax_rows",
+        &cfg([rows as u32, 1, 1], [128, 1, 1]),
+        Params::new().ptr(dx).ptr(dy).i32(cols as i32),
+    )
+    .unwrap();
     let y: Vec<f32> = a.download(dy, rows * cols);
     for rr in 0..rows {
         let row = &x[rr * cols..(rr + 1) * cols];
@@ -293,7 +381,11 @@ fn softmax() {
         let s: f64 = row.iter().map(|&v| (v as f64 - mx).exp()).sum();
         for c in 0..cols {
             let want = (row[c] as f64 - mx).exp() / s;
-            assert!(close(y[rr * cols + c], want, 1e-5), "[{rr}][{c}] {} vs {want}", y[rr * cols + c]);
+            assert!(
+                close(y[rr * cols + c], want, 1e-5),
+                "[{rr}][{c}] {} vs {want}",
+                y[rr * cols + c]
+            );
         }
     }
 }
@@ -306,7 +398,15 @@ fn prefix_scan() {
     let x: Vec<i32> = (0..n).map(|_| r.range(-50, 50) as i32).collect();
     let dx = a.upload(&x);
     let dy = a.alloc(n * 4);
-    launch(m, &a, &g, "scan_block", &cfg([4, 1, 1], [256, 1, 1]), Params::new().ptr(dx).ptr(dy).i32(n as i32)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "scan_block",
+        &cfg([4, 1, 1], [256, 1, 1]),
+        Params::new().ptr(dx).ptr(dy).i32(n as i32),
+    )
+    .unwrap();
     let y: Vec<i32> = a.download(dy, n);
     for b in 0..4 {
         let mut acc = 0;
@@ -329,7 +429,15 @@ fn histogram_shared_atomics() {
     let data: Vec<u8> = (0..n).map(|_| r.next() as u8).collect();
     let dd = a.upload(&data);
     let db = a.upload(&[0u32; 64]);
-    launch(m, &a, &g, "histogram", &cfg([8, 1, 1], [96, 1, 1]), Params::new().ptr(dd).i32(n as i32).ptr(db)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "histogram",
+        &cfg([8, 1, 1], [96, 1, 1]),
+        Params::new().ptr(dd).i32(n as i32).ptr(db),
+    )
+    .unwrap();
     let bins: Vec<u32> = a.download(db, 64);
     let mut want = [0u32; 64];
     for &d in &data {
@@ -351,8 +459,15 @@ fn struct_by_value() {
     s[24..28].copy_from_slice(&7i32.to_le_bytes());
     s[28..32].copy_from_slice(&40i32.to_le_bytes());
     let dout = a.alloc(n * 4);
-    launch(m, &a, &g, "struct_by_value", &cfg([1, 1, 1], [128, 1, 1]), Params::new().raw(&s, 8).ptr(dout).i32(n as i32))
-        .unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "struct_by_value",
+        &cfg([1, 1, 1], [128, 1, 1]),
+        Params::new().raw(&s, 8).ptr(dout).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<f32> = a.download(dout, n);
     for (i, &o) in out.iter().enumerate() {
         let want = 1.25f32.mul_add((i as i32 - 3) as f32, 0.1f64 as f32) + -5.0 + 2.0;
@@ -365,7 +480,15 @@ fn device_function_calls() {
     let (m, a, g) = setup();
     let n = 300usize;
     let dout = a.alloc(n * 4);
-    launch(m, &a, &g, "device_calls", &cfg([3, 1, 1], [128, 1, 1]), Params::new().ptr(dout).i32(n as i32)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "device_calls",
+        &cfg([3, 1, 1], [128, 1, 1]),
+        Params::new().ptr(dout).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<f32> = a.download(dout, n);
     let coeffs = [1, 2, 3, 4, 5, 6, 7, 8];
     for (i, &o) in out.iter().enumerate() {
@@ -402,7 +525,12 @@ fn divergent_loop_exits() {
         &g,
         "divergent_search",
         &cfg([3, 1, 1], [128, 1, 1]),
-        Params::new().ptr(dd).i32(len as i32).ptr(dk).ptr(dout).i32(n as i32),
+        Params::new()
+            .ptr(dd)
+            .i32(len as i32)
+            .ptr(dk)
+            .ptr(dout)
+            .i32(n as i32),
     )
     .unwrap();
     let out: Vec<i32> = a.download(dout, n);
@@ -495,7 +623,10 @@ fn half_and_bfloat16_conversions() {
         f32::from_bits(0x3f80_8001),
     ];
     for _ in 0..300 {
-        x.push(f32::from_bits(r.next() as u32 & 0xbfff_ffff) * if r.next() & 1 == 0 { 1.0 } else { 1e-30 });
+        x.push(
+            f32::from_bits(r.next() as u32 & 0xbfff_ffff)
+                * if r.next() & 1 == 0 { 1.0 } else { 1e-30 },
+        );
     }
     let x: Vec<f32> = x.into_iter().filter(|v| v.is_finite()).collect();
     let n = x.len();
@@ -507,14 +638,25 @@ fn half_and_bfloat16_conversions() {
         &g,
         "half_conv",
         &cfg([n.div_ceil(64) as u32, 1, 1], [64, 1, 1]),
-        Params::new().ptr(dx).ptr(dh).ptr(db).ptr(dback).i32(n as i32),
+        Params::new()
+            .ptr(dx)
+            .ptr(dh)
+            .ptr(db)
+            .ptr(dback)
+            .i32(n as i32),
     )
     .unwrap();
     let h: Vec<u16> = a.download(dh, n);
     let b: Vec<u16> = a.download(db, n);
     let back: Vec<f32> = a.download(dback, 2 * n);
     for i in 0..n {
-        assert_eq!(h[i], ref_f16(x[i]), "f16 of {:e} ({:#x})", x[i], x[i].to_bits());
+        assert_eq!(
+            h[i],
+            ref_f16(x[i]),
+            "f16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
         assert_eq!(b[i], ref_bf16(x[i]), "bf16 of {:e}", x[i]);
         assert_eq!(back[2 * i + 1].to_bits(), (b[i] as u32) << 16);
         // f16 -> f32 is exact
@@ -542,7 +684,15 @@ fn dynamic_shared_memory() {
     let dy = a.upload(&vec![-7i32; n]);
     let mut c = cfg([4, 1, 1], [64, 1, 1]);
     c.dynamic_shared_bytes = 64 * 4;
-    launch(m, &a, &g, "dyn_shared_reverse", &c, Params::new().ptr(dx).ptr(dy).i32(n as i32)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "dyn_shared_reverse",
+        &c,
+        Params::new().ptr(dx).ptr(dy).i32(n as i32),
+    )
+    .unwrap();
     let y: Vec<i32> = a.download(dy, n);
     for j in 0..n {
         let b = j / 64;
@@ -552,8 +702,19 @@ fn dynamic_shared_memory() {
     }
     // too little dynamic shared memory: the kernel indexes past the end
     c.dynamic_shared_bytes = 16;
-    let e = launch(m, &a, &g, "dyn_shared_reverse", &c, Params::new().ptr(dx).ptr(dy).i32(n as i32)).unwrap_err();
-    assert!(matches!(e, devproxy_ptx::LaunchError::IllegalAddress { .. }), "{e}");
+    let e = launch(
+        m,
+        &a,
+        &g,
+        "dyn_shared_reverse",
+        &c,
+        Params::new().ptr(dx).ptr(dy).i32(n as i32),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, devproxy_ptx::LaunchError::IllegalAddress { .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -561,11 +722,22 @@ fn module_globals_and_constants() {
     let (m, a, g) = setup();
     let names: Vec<&str> = m.globals().iter().map(|g| g.name.as_str()).collect();
     let gi = |n: &str| names.iter().position(|x| *x == n).unwrap();
-    assert_eq!(m.globals()[gi("c_coeffs")].space, devproxy_ptx::GlobalSpace::Const);
+    assert_eq!(
+        m.globals()[gi("c_coeffs")].space,
+        devproxy_ptx::GlobalSpace::Const
+    );
     assert_eq!(m.globals()[gi("g_counter")].init, 7i32.to_le_bytes());
     let n = 50usize;
     let dout = a.alloc(n * 4);
-    launch(m, &a, &g, "globals_const", &cfg([1, 1, 1], [64, 1, 1]), Params::new().ptr(dout).i32(n as i32)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "globals_const",
+        &cfg([1, 1, 1], [64, 1, 1]),
+        Params::new().ptr(dout).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<f32> = a.download(dout, n);
     let table = [1.5f32, -2.0, 3.25, 0.0];
     for (i, &o) in out.iter().enumerate() {
@@ -588,14 +760,19 @@ fn grid_3d() {
         &g,
         "grid3d",
         &cfg(grid, [8, 4, 2]),
-        Params::new().ptr(dout).i32(nx as i32).i32(ny as i32).i32(nz as i32),
+        Params::new()
+            .ptr(dout)
+            .i32(nx as i32)
+            .i32(ny as i32)
+            .i32(nz as i32),
     )
     .unwrap();
     let out: Vec<i32> = a.download(dout, nx * ny * nz);
     for z in 0..nz {
         for y in 0..ny {
             for x in 0..nx {
-                let want = (x * 10000 + y * 100 + z) as i32 + 3 * 1_000_000 + 4 * 100_000 + 5 * 10_000;
+                let want =
+                    (x * 10000 + y * 100 + z) as i32 + 3 * 1_000_000 + 4 * 100_000 + 5 * 10_000;
                 assert_eq!(out[(z * ny + y) * nx + x], want, "({x},{y},{z})");
             }
         }
@@ -610,16 +787,30 @@ fn warp_match_and_redux() {
     let vals: Vec<i32> = (0..n).map(|_| r.range(0, 1000) as i32).collect();
     let din = a.upload(&vals);
     let dout = a.alloc(n * 12);
-    launch(m, &a, &g, "warp_misc", &cfg([2, 1, 1], [64, 1, 1]), Params::new().ptr(din).ptr(dout).i32(n as i32)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "warp_misc",
+        &cfg([2, 1, 1], [64, 1, 1]),
+        Params::new().ptr(din).ptr(dout).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<i32> = a.download(dout, n * 3);
     for i in 0..n {
         let w = i / 32;
-        let v: Vec<i32> = (0..32).map(|l| vals.get(w * 32 + l).copied().unwrap_or(0)).collect();
+        let v: Vec<i32> = (0..32)
+            .map(|l| vals.get(w * 32 + l).copied().unwrap_or(0))
+            .collect();
         let key = v[i % 32] & 3;
         let mm = (0..32).fold(0u32, |acc, l| acc | (((v[l] & 3 == key) as u32) << l));
         assert_eq!(out[i * 3] as u32, mm, "match i={i}");
         assert_eq!(out[i * 3 + 1], v.iter().sum::<i32>(), "redux add i={i}");
-        assert_eq!(out[i * 3 + 2], v.iter().max().unwrap() + (i % 32) as i32, "redux max i={i}");
+        assert_eq!(
+            out[i * 3 + 2],
+            v.iter().max().unwrap() + (i % 32) as i32,
+            "redux max i={i}"
+        );
     }
 }
 
@@ -632,7 +823,15 @@ fn float_math() {
     let n = x.len();
     let dx = a.upload(&x);
     let dout = a.alloc(n * 32);
-    launch(m, &a, &g, "float_math", &cfg([2, 1, 1], [128, 1, 1]), Params::new().ptr(dx).ptr(dout).i32(n as i32)).unwrap();
+    launch(
+        m,
+        &a,
+        &g,
+        "float_math",
+        &cfg([2, 1, 1], [128, 1, 1]),
+        Params::new().ptr(dx).ptr(dout).i32(n as i32),
+    )
+    .unwrap();
     let out: Vec<f32> = a.download(dout, n * 8);
     for i in 0..n {
         let v = x[i];
@@ -641,15 +840,29 @@ fn float_math() {
         assert_eq!(o[1].to_bits(), (v / v.mul_add(v, 1.0)).to_bits(), "div {v}");
         let vd = v as f64;
         assert!(close(o[2], (vd * 0.1).exp(), 1e-5), "exp {v}: {}", o[2]);
-        assert!(close(o[3], (vd.abs() + 1.0).ln(), 1e-5), "log {v}: {}", o[3]);
-        assert!(((o[4] as f64) - (vd.sin() + vd.cos())).abs() < 1e-5, "sincos {v}");
+        assert!(
+            close(o[3], (vd.abs() + 1.0).ln(), 1e-5),
+            "log {v}: {}",
+            o[3]
+        );
+        assert!(
+            ((o[4] as f64) - (vd.sin() + vd.cos())).abs() < 1e-5,
+            "sincos {v}"
+        );
         assert!(close(o[5], (vd * 0.01).tanh(), 1e-5), "tanh {v}: {}", o[5]);
-        assert!(close(o[6], 1.0 / (vd.abs() + 1.0).sqrt(), 1e-5), "rsqrt {v}");
-        let want = v.floor() as i32 as f32 + (v * 0.5).trunc() + v.ceil() + v.round_ties_even()
+        assert!(
+            close(o[6], 1.0 / (vd.abs() + 1.0).sqrt(), 1e-5),
+            "rsqrt {v}"
+        );
+        let want = v.floor() as i32 as f32
+            + (v * 0.5).trunc()
+            + v.ceil()
+            + v.round_ties_even()
             + v.round_ties_even() as i32 as f32
             + 2.0f32.copysign(v);
         // the adds happen in a fixed order in the PTX: floor + trunc, + ceil, + rint, + int_rn, + copysign
-        let w2 = ((((v.floor() as i32 as f32 + (v * 0.5).trunc()) + v.ceil()) + v.round_ties_even())
+        let w2 = ((((v.floor() as i32 as f32 + (v * 0.5).trunc()) + v.ceil())
+            + v.round_ties_even())
             + v.round_ties_even() as i32 as f32)
             + 2.0f32.copysign(v);
         assert!(o[7] == w2 || o[7] == want, "rounding {v}: {} vs {w2}", o[7]);
@@ -669,7 +882,15 @@ fn parallel_host_threads_give_same_answer() {
         let dout = a.alloc(blocks * 4);
         let mut c = cfg([blocks as u32, 1, 1], [256, 1, 1]);
         c.host_threads = threads;
-        let st = launch(m, &a, &g, "reduce_sum", &c, Params::new().ptr(dx).ptr(dout).i32(n as i32)).unwrap();
+        let st = launch(
+            m,
+            &a,
+            &g,
+            "reduce_sum",
+            &c,
+            Params::new().ptr(dx).ptr(dout).i32(n as i32),
+        )
+        .unwrap();
         assert!(st.instructions > 0 && st.thread_instructions >= st.instructions);
         results.push(a.download::<u32>(dout, blocks));
     }

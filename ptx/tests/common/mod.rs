@@ -73,12 +73,16 @@ impl Arena {
         self.base + at
     }
     pub fn write(&self, addr: u64, data: &[u8]) {
-        let p = self.translate(addr, data.len() as u64).expect("write outside the arena");
+        let p = self
+            .translate(addr, data.len() as u64)
+            .expect("write outside the arena");
         // SAFETY: `translate` checked the range lies inside the arena buffer; no kernel runs during test set-up.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
     }
     pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let p = self.translate(addr, len as u64).expect("read outside the arena");
+        let p = self
+            .translate(addr, len as u64)
+            .expect("read outside the arena");
         let mut v = vec![0u8; len];
         // SAFETY: as in `write`; the launch has finished.
         unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), len) };
@@ -189,8 +193,17 @@ pub fn launch(
     p: Params,
 ) -> Result<LaunchStats, LaunchError> {
     let info = m.kernel(name).unwrap_or_else(|| panic!("no kernel {name}"));
-    let end = info.params.iter().map(|p| (p.offset + p.size) as usize).max().unwrap_or(0);
-    assert_eq!(p.buf.len(), end, "parameter packing of {name} disagrees with KernelInfo");
+    let end = info
+        .params
+        .iter()
+        .map(|p| (p.offset + p.size) as usize)
+        .max()
+        .unwrap_or(0);
+    assert_eq!(
+        p.buf.len(),
+        end,
+        "parameter packing of {name} disagrees with KernelInfo"
+    );
     m.launch(name, cfg, &p.buf, globals, arena)
 }
 
@@ -198,7 +211,10 @@ pub fn launch(
 pub struct Rng(pub u64);
 impl Rng {
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 17
     }
     pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
