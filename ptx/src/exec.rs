@@ -176,30 +176,27 @@ impl Launch<'_> {
             for w in warps.iter_mut() {
                 self.run_warp(w, &mut blk, counts)?;
             }
-            let live: u32 = warps
-                .iter()
-                .map(|w| {
-                    w.state
-                        .iter()
-                        .filter(|&&s| s == RUN || s == AT_BAR || s == AT_WSYNC)
-                        .count() as u32
-                })
-                .sum();
+            let mut live = 0u32;
+            let mut waiting = [0u32; 16];
+            for w in warps.iter() {
+                for l in 0..32 {
+                    match w.state[l] {
+                        RUN | AT_WSYNC => live += 1,
+                        AT_BAR => {
+                            live += 1;
+                            waiting[w.bar_id[l] as usize] += 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
             if live == 0 {
                 return Ok(());
             }
-            // release one barrier whose expected count is met
+            // release the barriers whose expected count is met
             let mut released = false;
             for id in 0..16usize {
-                let waiting: u32 = warps
-                    .iter()
-                    .map(|w| {
-                        (0..32)
-                            .filter(|&l| w.state[l] == AT_BAR && w.bar_id[l] == id as u32)
-                            .count() as u32
-                    })
-                    .sum();
-                if waiting == 0 {
+                if waiting[id] == 0 {
                     continue;
                 }
                 let expected = blk.expected[id].unwrap_or(live);
@@ -285,7 +282,7 @@ impl Launch<'_> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn rd(&self, w: &Warp, blk: &BlockState, op: Op, l: usize) -> u64 {
         match op {
             Op::Reg(r) => w.regs[r as usize * 32 + l],
@@ -295,6 +292,7 @@ impl Launch<'_> {
         }
     }
 
+    #[cold]
     fn sreg(&self, w: &Warp, blk: &BlockState, s: Sreg, l: usize) -> u64 {
         let c = self.cfg;
         match s {
