@@ -195,8 +195,8 @@ impl Launch<'_> {
             }
             // release the barriers whose expected count is met
             let mut released = false;
-            for id in 0..16usize {
-                if waiting[id] == 0 {
+            for (id, &nwait) in waiting.iter().enumerate() {
+                if nwait == 0 {
                     continue;
                 }
                 let expected = blk.expected[id].unwrap_or(live);
