@@ -172,14 +172,8 @@ impl Session {
             StreamKind::NonBlocking => Ok(raw.0),
             StreamKind::Default => {
                 let mut g = self.legacy.lock();
-                let l = &mut *g;
-                for b in &mut l.blocking {
-                    if b.ops > b.joined_into_d {
-                        join(b.raw, b.join, l.d.raw)?;
-                        b.joined_into_d = b.ops;
-                    }
-                }
-                l.d.ops += 1;
+                Self::join_blocking_into_d(&mut g)?;
+                g.d.ops += 1;
                 Ok(raw.0)
             }
             StreamKind::Blocking => {
@@ -198,6 +192,28 @@ impl Session {
                 Ok(raw.0)
             }
         }
+    }
+}
+
+impl Session {
+    /// D waits for the work enqueued so far on the session's blocking streams.
+    fn join_blocking_into_d(l: &mut Legacy) -> BResult<()> {
+        for b in &mut l.blocking {
+            if b.ops > b.joined_into_d {
+                join(b.raw, b.join, l.d.raw)?;
+                b.joined_into_d = b.ops;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before observing a stream (synchronize, query): the legacy default stream also covers the session's
+    /// blocking streams' earlier work, as cuStreamSynchronize(NULL) does.
+    fn before_observe(&self, kind: StreamKind) -> BResult<()> {
+        if kind == StreamKind::Default {
+            Self::join_blocking_into_d(&mut self.legacy.lock())?;
+        }
+        Ok(())
     }
 }
 
@@ -397,7 +413,7 @@ impl CudaBackend {
         ck(unsafe { sys::cuDeviceTotalMem_v2(&mut total, dev) })
             .map_err(|e| release(format!("cuDeviceTotalMem: {e}")))?;
         let max_attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX as i32;
-        let attributes = (1..max_attr)
+        let attributes = (1..=max_attr)
             .map(|a| {
                 let mut v = 0;
                 // SAFETY: valid out-pointer; an unknown attribute number is rejected by the driver.
@@ -502,12 +518,12 @@ impl CudaBackend {
         s.session.prepare(stream, s.kind, s.raw)
     }
 
-    fn raw_stream(&self, stream: StreamId) -> BResult<sys::CUstream> {
-        self.streams
-            .read()
-            .get(&stream)
-            .map(|s| s.raw.0)
-            .ok_or(CuError::INVALID_HANDLE)
+    /// The raw stream to observe (synchronize, query), after legacy joins.
+    fn observe_stream(&self, stream: StreamId) -> BResult<sys::CUstream> {
+        let streams = self.streams.read();
+        let s = streams.get(&stream).ok_or(CuError::INVALID_HANDLE)?;
+        s.session.before_observe(s.kind)?;
+        Ok(s.raw.0)
     }
 
     fn raw_event(&self, event: EventId) -> BResult<sys::CUevent> {
@@ -814,14 +830,14 @@ impl Backend for CudaBackend {
 
     fn stream_synchronize(&self, stream: StreamId) -> BResult<()> {
         self.cur()?;
-        let raw = self.raw_stream(stream)?;
+        let raw = self.observe_stream(stream)?;
         // SAFETY: live stream.
         ck(unsafe { sys::cuStreamSynchronize(raw) })
     }
 
     fn stream_query(&self, stream: StreamId) -> BResult<bool> {
         self.cur()?;
-        let raw = self.raw_stream(stream)?;
+        let raw = self.observe_stream(stream)?;
         // SAFETY: live stream.
         match unsafe { sys::cuStreamQuery(raw) } {
             sys::CUresult::CUDA_SUCCESS => Ok(true),
