@@ -1,0 +1,989 @@
+//! The operations: barrier + capture on the session thread, checkpoint to a directory, restore (into a new server or
+//! an adopting one), live migration, suspend and resume, inspect.
+
+use super::format::{Header, FLAG_TRAILING_BLOB_CRC};
+use super::image::{self, consume_blob, produce_blob, BlobSink, LoadedImage, CHUNK};
+use super::manifest::{self, DeviceImage, Manifest, Region, RegionKind, SessionImage};
+use super::{CheckpointError, Persist};
+use crate::backend::{Backend, HostSpan};
+use crate::control::{human_bytes, ControlReply, ControlRequest, Summary};
+use crate::protocol::{self, Notice};
+use crate::server::session::SessionState;
+use crate::server::{JobOutcome, PendingSession, Phase, Server, ServerOptions, SessionShared};
+use crate::transport::{socket, Segment, SegmentLayout};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+type Reply<'a> = &'a dyn Fn(&ControlReply) -> Result<(), String>;
+
+/// Largest control frame (the control socket's limit).
+const MAX_FRAME: usize = 64 << 20;
+
+pub fn control(
+    server: &Arc<Server>,
+    conn: &UnixStream,
+    req: ControlRequest,
+    send: Reply<'_>,
+) -> Result<(), String> {
+    match req {
+        ControlRequest::Checkpoint { pid, out, stop } => {
+            checkpoint(server, pid, Path::new(&out), stop, send)
+        }
+        ControlRequest::Resume { pid } => resume(server, pid, send),
+        ControlRequest::Migrate { pid, to } => migrate(server, pid, Path::new(&to), send),
+        ControlRequest::Suspend { pid } => suspend(server, pid, send),
+        ControlRequest::Adopt { image } => adopt(server, conn, &image, send),
+        other => Err(format!("{other:?}: not a state-moving request")),
+    }
+}
+
+fn find_session(server: &Server, pid: u32) -> Result<Arc<SessionShared>, String> {
+    server
+        .sessions
+        .lock()
+        .values()
+        .find(|s| s.pid == pid && s.phase() != Phase::Closed)
+        .cloned()
+        .ok_or_else(|| format!("no session of pid {pid} on this server (see devproxy ps)"))
+}
+
+/// Waits until the session thread has entered its paused loop (so a `resume` cannot be lost).
+fn wait_paused(sh: &SessionShared) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sh.phase() == Phase::Running && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ barrier, capture
+
+/// Synchronizes the session's context. Work taken from the ring has then finished; an error it produced stays the
+/// session's deferred (and, for a fault, sticky) error, exactly as if the next call had observed it.
+pub fn barrier(st: &mut SessionState) {
+    if let Err(e) = st.backend.context_synchronize(st.ctx) {
+        if e.is_sticky() {
+            st.sticky.get_or_insert(e);
+        }
+        st.deferred.get_or_insert(e);
+    }
+}
+
+/// A session's state captured at the barrier: the manifest and the pinned-area contents (host memory, copied).
+pub struct Captured {
+    pub manifest: Manifest,
+    pub pinned: Vec<Vec<u8>>,
+}
+
+/// Who a session is, for its image.
+#[derive(Clone)]
+pub struct Identity {
+    pub id: u64,
+    pub token: u64,
+    pub pid: u32,
+    pub command: String,
+    pub socket: String,
+}
+
+/// Barrier + capture. Runs on the session thread (or with the session otherwise quiescent).
+pub fn capture(
+    st: &mut SessionState,
+    seg: &Segment,
+    who: Identity,
+    device: DeviceImage,
+) -> Result<Captured, CheckpointError> {
+    barrier(st);
+    let state = st.save(())?;
+    let mut regions = Vec::new();
+    for &(addr, bytes) in &state.allocations {
+        regions.push(Region {
+            session: 0,
+            kind: RegionKind::Allocation,
+            addr,
+            bytes,
+        });
+    }
+    for g in &state.module_globals {
+        regions.push(Region {
+            session: 0,
+            kind: RegionKind::ModuleGlobal,
+            addr: g.ptr,
+            bytes: g.bytes,
+        });
+    }
+    let mut pinned = Vec::new();
+    for &(off, bytes) in &state.pinned {
+        if off
+            .checked_add(bytes)
+            .is_none_or(|e| e > seg.pinned_bytes())
+        {
+            return Err(CheckpointError::Session(format!(
+                "pinned region {off:#x} (+{bytes}) lies outside the segment's pinned area"
+            )));
+        }
+        let mut v = vec![0u8; bytes as usize];
+        // SAFETY: the range was checked against the pinned area of the mapped segment; the client is stopped at the
+        // barrier, and any write it still makes is a data race the program has with the device, as on a GPU.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                seg.pinned_ptr().add(off as usize),
+                v.as_mut_ptr(),
+                v.len(),
+            )
+        };
+        pinned.push(v);
+        regions.push(Region {
+            session: 0,
+            kind: RegionKind::Pinned,
+            addr: off,
+            bytes,
+        });
+    }
+    let session = SessionImage {
+        id: who.id,
+        token: who.token,
+        pid: who.pid,
+        command: who.command,
+        socket: who.socket,
+        last_executed: seg.last_executed(),
+        state,
+    };
+    Ok(Captured {
+        manifest: Manifest {
+            writer: format!("devproxy {}", env!("CARGO_PKG_VERSION")),
+            device,
+            sessions: vec![session],
+            regions,
+        },
+        pinned,
+    })
+}
+
+/// Reads the bytes of the captured regions: device memory through the backend's bulk path, pinned memory from the copy.
+fn filler<'a>(
+    backend: &'a Arc<dyn Backend>,
+    cap: &'a Captured,
+) -> impl FnMut(usize, &Region, u64, &mut [u8]) -> Result<(), CheckpointError> + 'a {
+    let mut pinned_index = Vec::with_capacity(cap.manifest.regions.len());
+    let mut k = 0;
+    for r in &cap.manifest.regions {
+        pinned_index.push(k);
+        if r.kind == RegionKind::Pinned {
+            k += 1;
+        }
+    }
+    move |i, r, off, dst| match r.kind {
+        RegionKind::Pinned => {
+            let src = &cap.pinned[pinned_index[i]];
+            dst.copy_from_slice(&src[off as usize..off as usize + dst.len()]);
+            Ok(())
+        }
+        _ => backend.read_device(r.addr + off, dst).map_err(|e| {
+            CheckpointError::Backend(format!("reading {:#x} (+{}): {e}", r.addr + off, dst.len()))
+        }),
+    }
+}
+
+fn suspended() -> &'static Mutex<HashMap<(usize, u64), Suspended>> {
+    static S: OnceLock<Mutex<HashMap<(usize, u64), Suspended>>> = OnceLock::new();
+    S.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn key(server: &Arc<Server>, id: u64) -> (usize, u64) {
+    (Arc::as_ptr(server) as usize, id)
+}
+
+/// A suspended session's device state, held in host memory.
+struct Suspended {
+    manifest: Manifest,
+    blob: Vec<u8>,
+    crc: u32,
+}
+
+/// Barrier + capture on the session thread; the session stays paused. Returns the capture and the barrier time.
+fn barrier_and_capture(
+    server: &Arc<Server>,
+    sh: &Arc<SessionShared>,
+) -> Result<(Captured, Instant), String> {
+    if suspended().lock().contains_key(&key(server, sh.id)) {
+        return Err(format!(
+            "pid {} is suspended (its device state is in host memory): resume it first",
+            sh.pid
+        ));
+    }
+    let device = DeviceImage::of(server.backend.info());
+    let who = identity(server, sh);
+    let r = sh.run_job(move |st, seg| {
+        let at = Instant::now();
+        let r = capture(st, seg, who, device).map(|c| (c, at));
+        let outcome = if r.is_ok() {
+            JobOutcome::Pause
+        } else {
+            JobOutcome::Continue
+        };
+        (r, outcome)
+    })?;
+    r.map_err(|e| format!("barrier: {e}"))
+}
+
+fn identity(server: &Server, sh: &SessionShared) -> Identity {
+    Identity {
+        id: sh.id,
+        token: sh.token,
+        pid: sh.pid,
+        command: sh.command.clone(),
+        socket: server.opts.socket.display().to_string(),
+    }
+}
+
+fn progress_to<'a>(send: Reply<'a>) -> impl FnMut(u64, u64) + 'a {
+    move |done, total| {
+        let _ = send(&ControlReply::Progress { done, total });
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ checkpoint
+
+fn checkpoint(
+    server: &Arc<Server>,
+    pid: u32,
+    out: &Path,
+    stop: bool,
+    send: Reply<'_>,
+) -> Result<(), String> {
+    let sh = find_session(server, pid)?;
+    let was_paused = sh.phase() == Phase::Paused;
+    let t0 = Instant::now();
+    let (cap, barrier_at) = barrier_and_capture(server, &sh)?;
+    let mut fill = filler(&server.backend, &cap);
+    let r = image::write_image(out, &cap.manifest, &mut fill, &mut progress_to(send));
+    let keep_paused = was_paused || (stop && r.is_ok());
+    if !keep_paused {
+        wait_paused(&sh);
+        sh.resume();
+    }
+    let paused = barrier_at.elapsed().as_secs_f64();
+    let w =
+        r.map_err(|e| format!("checkpoint of pid {pid} failed (the process continues): {e}"))?;
+    tracing::info!("session {}: image written to {}", sh.id, w.path.display());
+    send(&ControlReply::Done(Summary {
+        what: format!(
+            "checkpoint of pid {pid}{}",
+            if keep_paused {
+                " (the process stays paused at the barrier)"
+            } else {
+                ""
+            }
+        ),
+        bytes: w.blob_bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        paused_seconds: paused,
+        path: w.path.display().to_string(),
+    }))
+}
+
+// ------------------------------------------------------------------------------------------------ restore
+
+/// Where the blob CRC to check comes from.
+pub enum ExpectedCrc {
+    /// From the header.
+    Known(u32),
+    /// From 4 bytes after the blob in the stream (migration).
+    Trailer,
+}
+
+/// A session rebuilt on a backend, before it is handed to a server.
+pub struct Rebuilt {
+    pub state: SessionState,
+    pub pinned_data: Vec<(u64, Vec<u8>)>,
+    pub bytes: u64,
+}
+
+/// Rebuilds session 0 of `manifest` on `backend`, reading its blob from `source`. Checks the device first; `ready`
+/// runs once the objects and allocations exist, before the blob is read. Any failure releases everything made.
+pub fn restore_state(
+    backend: &Arc<dyn Backend>,
+    manifest: &Manifest,
+    source: &mut (dyn Read + Send),
+    expected: ExpectedCrc,
+    what: &str,
+    ready: &mut dyn FnMut() -> Result<(), CheckpointError>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Rebuilt, CheckpointError> {
+    if manifest.sessions.len() != 1 {
+        return Err(CheckpointError::invalid(
+            what,
+            format!(
+                "{} sessions in one image; this devproxy restores one",
+                manifest.sessions.len()
+            ),
+        ));
+    }
+    manifest.device.check_compatible(backend.info())?;
+    let img = &manifest.sessions[0];
+    let mut st = SessionState::restore(backend, &img.state)?;
+    let r = (|| {
+        let globals = manifest::place_globals(&mut st, &img.state)?;
+        let mut targets = Vec::with_capacity(manifest.regions.len());
+        let mut pinned_data: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut gi = 0;
+        for r in &manifest.regions {
+            match r.kind {
+                RegionKind::Allocation => targets.push(r.addr),
+                RegionKind::ModuleGlobal => {
+                    targets.push(globals[gi]);
+                    gi += 1;
+                }
+                RegionKind::Pinned => {
+                    targets.push(pinned_data.len() as u64);
+                    pinned_data.push((r.addr, vec![0u8; r.bytes as usize]));
+                }
+            }
+        }
+        ready()?;
+        let crc = consume_blob(
+            &manifest.regions,
+            source,
+            &mut |i, r, off, src| match r.kind {
+                RegionKind::Pinned => {
+                    let dst = &mut pinned_data[targets[i] as usize].1;
+                    dst[off as usize..off as usize + src.len()].copy_from_slice(src);
+                    Ok(())
+                }
+                _ => backend.write_device(targets[i] + off, src).map_err(|e| {
+                    CheckpointError::Backend(format!(
+                        "writing {:#x} (+{}): {e}",
+                        targets[i] + off,
+                        src.len()
+                    ))
+                }),
+            },
+            progress,
+        )?;
+        let stored = match expected {
+            ExpectedCrc::Known(c) => c,
+            ExpectedCrc::Trailer => {
+                let mut t = [0u8; 4];
+                source.read_exact(&mut t).map_err(|e| {
+                    CheckpointError::Pipeline(format!("{what}: reading the blob CRC: {e}"))
+                })?;
+                u32::from_le_bytes(t)
+            }
+        };
+        if stored != crc {
+            return Err(CheckpointError::Crc {
+                path: what.into(),
+                part: "blob",
+                stored,
+                computed: crc,
+            });
+        }
+        Ok((pinned_data, manifest.blob_len()))
+    })();
+    match r {
+        Ok((pinned_data, bytes)) => Ok(Rebuilt {
+            state: st,
+            pinned_data,
+            bytes,
+        }),
+        Err(e) => {
+            st.teardown();
+            Err(e)
+        }
+    }
+}
+
+/// Registers a rebuilt session with `server` as waiting for its process.
+fn add_pending(
+    server: &Server,
+    img: &SessionImage,
+    rebuilt: Rebuilt,
+) -> Result<(), CheckpointError> {
+    let mut pending = server.pending.lock();
+    if server.sessions.lock().contains_key(&img.id) || pending.contains_key(&img.id) {
+        let mut st = rebuilt.state;
+        st.teardown();
+        return Err(CheckpointError::Session(format!(
+            "session id {} is already in use on this server; restore it on another server",
+            img.id
+        )));
+    }
+    server.reserve_session_ids(img.id);
+    pending.insert(
+        img.id,
+        PendingSession {
+            token: img.token,
+            pid: img.pid,
+            command: img.command.clone(),
+            state: rebuilt.state,
+            last_executed: img.last_executed,
+            pinned_data: rebuilt.pinned_data,
+        },
+    );
+    Ok(())
+}
+
+/// `devproxy restore DIR`: checks the image, rebuilds its session on a new server and serves it in the foreground.
+/// Nothing is listened on before the session is fully rebuilt, so a refused image leaves the process waiting.
+pub fn restore_cmd(
+    dir: &Path,
+    socket: Option<PathBuf>,
+    kind: Option<crate::backend::BackendKind>,
+    device: u32,
+) -> Result<(), String> {
+    let img = LoadedImage::open(dir).map_err(|e| e.to_string())?;
+    let backend = crate::cli::make_backend(kind, device, None)?;
+    img.manifest
+        .device
+        .check_compatible(backend.info())
+        .map_err(|e| format!("{}: {e}", img.path.display()))?;
+    let s = &img.manifest.sessions[0];
+    let socket = socket.unwrap_or_else(|| PathBuf::from(&s.socket));
+    let t0 = Instant::now();
+    let mut reader = img.blob_reader().map_err(|e| e.to_string())?;
+    let what = img.path.display().to_string();
+    let rebuilt = restore_state(
+        &backend,
+        &img.manifest,
+        &mut reader,
+        ExpectedCrc::Known(img.header.blob_crc),
+        &what,
+        &mut || Ok(()),
+        &mut |_, _| {},
+    )
+    .map_err(|e| format!("restore refused, nothing was restored: {e}"))?;
+    let bytes = rebuilt.bytes;
+    let secs = t0.elapsed().as_secs_f64();
+    let srv = Server::new(
+        backend,
+        ServerOptions {
+            socket: socket.clone(),
+            layout: SegmentLayout::from_env(),
+        },
+    );
+    add_pending(&srv, s, rebuilt).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        Summary {
+            what: format!("restore of session {} (pid {})", s.id, s.pid),
+            bytes,
+            seconds: secs,
+            paused_seconds: 0.0,
+            path: what,
+        }
+    );
+    println!(
+        "waiting for pid {} to re-attach at {}",
+        s.pid,
+        socket.display()
+    );
+    tracing::info!("listening on {}", socket.display());
+    srv.serve()
+}
+
+// ------------------------------------------------------------------------------------------------ migration
+
+/// Sends blob chunks as control frames.
+struct FrameSink<'a>(&'a UnixStream);
+
+impl BlobSink for FrameSink<'_> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        socket::send_msg(self.0, bytes, &[])
+    }
+}
+
+/// Reads a byte stream carried in control frames.
+struct FrameReader<'a> {
+    conn: &'a UnixStream,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for FrameReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            let (b, _) = socket::recv_msg(self.conn, MAX_FRAME)?;
+            self.buf = b;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn recv_reply(conn: &UnixStream) -> Result<ControlReply, String> {
+    loop {
+        let (b, _) = socket::recv_msg(conn, MAX_FRAME)
+            .map_err(|e| format!("the target closed the connection: {e}"))?;
+        match protocol::decode::<ControlReply>(&b).map_err(|e| e.to_string())? {
+            ControlReply::Progress { .. } => continue,
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Streams a capture to the target's control connection: `Adopt { header }`, the manifest in frames, (target: ready),
+/// the blob in frames, its CRC. Returns the target's summary.
+fn stream_to(
+    conn: &UnixStream,
+    backend: &Arc<dyn Backend>,
+    cap: &Captured,
+    send: Reply<'_>,
+) -> Result<Summary, String> {
+    let m = cap.manifest.encode();
+    let mut header = Header::new(
+        m.len() as u64,
+        crc32fast::hash(&m),
+        cap.manifest.blob_len(),
+        0,
+    );
+    header.flags |= FLAG_TRAILING_BLOB_CRC;
+    let io = |e: std::io::Error| format!("sending to the target: {e}");
+    socket::send_msg(
+        conn,
+        &protocol::encode(&ControlRequest::Adopt {
+            image: header.encode(),
+        }),
+        &[],
+    )
+    .map_err(io)?;
+    for c in m.chunks(CHUNK) {
+        socket::send_msg(conn, c, &[]).map_err(io)?;
+    }
+    match recv_reply(conn)? {
+        ControlReply::Ok(_) => {}
+        ControlReply::Err(e) => return Err(format!("the target refused the session: {e}")),
+        other => return Err(format!("unexpected answer from the target: {other:?}")),
+    }
+    let mut fill = filler(backend, cap);
+    let mut sink = FrameSink(conn);
+    let sent = produce_blob(
+        &cap.manifest.regions,
+        &mut fill,
+        &mut sink,
+        &mut progress_to(send),
+    );
+    let crc = match sent {
+        Ok(c) => c,
+        Err(e) => {
+            // The target may have said why it stopped reading.
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            if let Ok(ControlReply::Err(why)) = recv_reply(conn) {
+                return Err(format!("the target failed: {why}"));
+            }
+            return Err(e.to_string());
+        }
+    };
+    socket::send_msg(conn, &crc.to_le_bytes(), &[]).map_err(io)?;
+    match recv_reply(conn)? {
+        ControlReply::Done(s) => Ok(s),
+        ControlReply::Err(e) => Err(format!("the target failed: {e}")),
+        other => Err(format!("unexpected answer from the target: {other:?}")),
+    }
+}
+
+fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result<(), String> {
+    let sh = find_session(server, pid)?;
+    if to == server.opts.socket {
+        return Err(format!("pid {pid} already lives at {}", to.display()));
+    }
+    let ctl_path = crate::server::control_path(to);
+    let conn = UnixStream::connect(&ctl_path).map_err(|e| {
+        format!(
+            "cannot reach the target server's control socket {}: {e}",
+            ctl_path.display()
+        )
+    })?;
+    let was_paused = sh.phase() == Phase::Paused;
+    let t0 = Instant::now();
+    let (mut cap, barrier_at) = barrier_and_capture(server, &sh)?;
+    let to_s = to.display().to_string();
+    // From now on the process polls the target's socket.
+    cap.manifest.sessions[0].socket = to_s.clone();
+    match stream_to(&conn, &server.backend, &cap, send) {
+        Ok(_) => {
+            let sh2 = sh.clone();
+            let note = to_s.clone();
+            sh.run_job(move |_st, _seg| {
+                if let Err(e) = sh2.notify(&Notice::Moved { socket: note }) {
+                    tracing::warn!(
+                        "session {}: could not tell the process it moved: {e}",
+                        sh2.id
+                    );
+                }
+                ((), JobOutcome::Detach)
+            })?;
+            let seconds = t0.elapsed().as_secs_f64();
+            // The pause ends when the process runs on the target.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && waiting_on(to, sh.id) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            send(&ControlReply::Done(Summary {
+                what: format!("migration of pid {pid} to {to_s}"),
+                bytes: cap.manifest.blob_len(),
+                seconds,
+                paused_seconds: barrier_at.elapsed().as_secs_f64(),
+                path: to_s,
+            }))
+        }
+        Err(e) => {
+            if !was_paused {
+                wait_paused(&sh);
+                sh.resume();
+            }
+            Err(format!(
+                "migration of pid {pid} failed (it continues here): {e}"
+            ))
+        }
+    }
+}
+
+/// Whether session `id` still waits for its process at the server `to`.
+fn waiting_on(to: &Path, id: u64) -> bool {
+    match crate::control::request(to, &ControlRequest::Ps, &mut |_, _| {}) {
+        Ok(ControlReply::Ps { sessions, .. }) => sessions
+            .iter()
+            .any(|r| r.session == id && r.state.starts_with("restored")),
+        _ => false,
+    }
+}
+
+/// Target side of a migration.
+fn adopt(
+    server: &Arc<Server>,
+    conn: &UnixStream,
+    first: &[u8],
+    send: Reply<'_>,
+) -> Result<(), String> {
+    let what = "migration stream";
+    let t0 = Instant::now();
+    let header = Header::decode(first, None, what).map_err(|e| e.to_string())?;
+    if header.flags & FLAG_TRAILING_BLOB_CRC == 0 {
+        return Err(format!(
+            "{what}: the header does not announce a trailing blob CRC"
+        ));
+    }
+    let mut rd = FrameReader {
+        conn,
+        buf: Vec::new(),
+        pos: 0,
+    };
+    let mut m = vec![0u8; header.manifest_len as usize];
+    rd.read_exact(&mut m)
+        .map_err(|e| format!("{what}: reading the manifest: {e}"))?;
+    let computed = crc32fast::hash(&m);
+    if computed != header.manifest_crc {
+        return Err(CheckpointError::Crc {
+            path: what.into(),
+            part: "manifest",
+            stored: header.manifest_crc,
+            computed,
+        }
+        .to_string());
+    }
+    let manifest = Manifest::decode(&m, what).map_err(|e| e.to_string())?;
+    manifest
+        .validate(header.blob_len, what)
+        .map_err(|e| e.to_string())?;
+    let s = &manifest.sessions[0];
+    if server.sessions.lock().contains_key(&s.id) || server.pending.lock().contains_key(&s.id) {
+        return Err(format!(
+            "session id {} is already in use on the target server",
+            s.id
+        ));
+    }
+    let rebuilt = restore_state(
+        &server.backend,
+        &manifest,
+        &mut rd,
+        ExpectedCrc::Trailer,
+        what,
+        &mut || send(&ControlReply::Ok("ready".into())).map_err(CheckpointError::Pipeline),
+        &mut |_, _| {},
+    )
+    .map_err(|e| e.to_string())?;
+    let bytes = rebuilt.bytes;
+    add_pending(server, s, rebuilt).map_err(|e| e.to_string())?;
+    tracing::info!(
+        "session {}: adopted (pid {}), waiting for the process",
+        s.id,
+        s.pid
+    );
+    send(&ControlReply::Done(Summary {
+        what: format!("adopted session {} (pid {})", s.id, s.pid),
+        bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        paused_seconds: 0.0,
+        path: server.opts.socket.display().to_string(),
+    }))
+}
+
+// ------------------------------------------------------------------------------------------------ suspend, resume
+
+fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String> {
+    let sh = find_session(server, pid)?;
+    if suspended().lock().contains_key(&key(server, sh.id)) {
+        return send(&ControlReply::Ok(format!("pid {pid} is already suspended")));
+    }
+    let device = DeviceImage::of(server.backend.info());
+    let who = identity(server, &sh);
+    let backend = server.backend.clone();
+    let sh2 = sh.clone();
+    let t0 = Instant::now();
+    let r = sh.run_job(move |st, seg| {
+        let r = (|| {
+            let cap = capture(st, seg, who, device)?;
+            let mut blob = Vec::with_capacity(cap.manifest.blob_len() as usize);
+            let crc = {
+                let mut fill = filler(&backend, &cap);
+                produce_blob(&cap.manifest.regions, &mut fill, &mut blob, &mut |_, _| {})?
+            };
+            // Device memory, modules, streams and events go; host registrations too (resume redoes them).
+            st.teardown();
+            sh2.device_bytes.store(0, Ordering::Relaxed);
+            Ok::<_, CheckpointError>(Suspended {
+                manifest: cap.manifest,
+                blob,
+                crc,
+            })
+        })();
+        let outcome = if r.is_ok() {
+            JobOutcome::Pause
+        } else {
+            JobOutcome::Continue
+        };
+        (r, outcome)
+    })?;
+    let s = r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
+    let bytes = s.blob.len() as u64;
+    suspended().lock().insert(key(server, sh.id), s);
+    let (free, total) = server.backend.mem_info();
+    send(&ControlReply::Done(Summary {
+        what: format!(
+            "suspend of pid {pid}: device memory moved to host memory (device: {} free of {})",
+            human_bytes(free),
+            human_bytes(total)
+        ),
+        bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        paused_seconds: t0.elapsed().as_secs_f64(),
+        path: String::new(),
+    }))
+}
+
+/// Page-locks the segment's staging area and the session's pinned allocations for a rebuilt state.
+fn register_host(st: &mut SessionState, seg: &Segment) {
+    let mut spans = vec![HostSpan {
+        ptr: seg.staging_ptr(),
+        len: seg.staging_bytes() as usize,
+    }];
+    for (&off, &bytes) in st.pinned.iter() {
+        if off
+            .checked_add(bytes)
+            .is_some_and(|e| e <= seg.pinned_bytes())
+        {
+            spans.push(HostSpan {
+                ptr: seg.pinned_ptr().wrapping_add(off as usize),
+                len: bytes as usize,
+            });
+        }
+    }
+    for span in spans {
+        match st.backend.host_register(span) {
+            Ok(()) => st.registered.push(span),
+            Err(e) => tracing::warn!(
+                "host memory could not be page-locked again ({e}); copies will be slower"
+            ),
+        }
+    }
+}
+
+fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String> {
+    let sh = find_session(server, pid)?;
+    let held = suspended().lock().remove(&key(server, sh.id));
+    let Some(s) = held else {
+        if sh.phase() != Phase::Paused {
+            return send(&ControlReply::Ok(format!("pid {pid} is not paused")));
+        }
+        sh.resume();
+        return send(&ControlReply::Ok(format!("pid {pid} continues")));
+    };
+    let t0 = Instant::now();
+    let backend = server.backend.clone();
+    let sh2 = sh.clone();
+    let r = sh.run_job(move |st, seg| {
+        let mut src: &[u8] = &s.blob;
+        let r = restore_state(
+            &backend,
+            &s.manifest,
+            &mut src,
+            ExpectedCrc::Known(s.crc),
+            "suspended state",
+            &mut || Ok(()),
+            &mut |_, _| {},
+        );
+        let r = match r {
+            Ok(mut rebuilt) => {
+                register_host(&mut rebuilt.state, seg);
+                *st = rebuilt.state;
+                sh2.device_bytes.store(st.device_bytes(), Ordering::Relaxed);
+                Ok(rebuilt.bytes)
+            }
+            Err(e) => Err((e, s)),
+        };
+        (r, JobOutcome::Continue)
+    })?;
+    match r {
+        Ok(bytes) => {
+            wait_paused(&sh);
+            sh.resume();
+            send(&ControlReply::Done(Summary {
+                what: format!("resume of pid {pid}: device memory restored"),
+                bytes,
+                seconds: t0.elapsed().as_secs_f64(),
+                paused_seconds: 0.0,
+                path: String::new(),
+            }))
+        }
+        Err((e, s)) => {
+            suspended().lock().insert(key(server, sh.id), s);
+            Err(format!(
+                "resume of pid {pid} failed, it stays suspended: {e}"
+            ))
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ inspect
+
+/// `devproxy inspect DIR`.
+pub fn inspect_cmd(dir: &Path) -> Result<(), String> {
+    let img = LoadedImage::open(dir).map_err(|e| e.to_string())?;
+    print!("{}", describe(&img));
+    match img.verify_blob() {
+        Ok(()) => {
+            println!("  blob CRC    {:#010x} OK", img.header.blob_crc);
+            Ok(())
+        }
+        Err(e) => {
+            println!("  blob CRC    BAD");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// A readable description of an image (everything but the blob check).
+pub fn describe(img: &LoadedImage) -> String {
+    use std::fmt::Write;
+    let h = &img.header;
+    let m = &img.manifest;
+    let mut o = String::new();
+    let _ = writeln!(o, "image {}", img.path.display());
+    let _ = writeln!(
+        o,
+        "  format      {}.{} (written by {}), header {} bytes",
+        h.major, h.minor, m.writer, h.header_bytes
+    );
+    let _ = writeln!(o, "  created     {} ms since the epoch", h.created_unix_ms);
+    let _ = writeln!(
+        o,
+        "  size        {} ({} manifest, {} blob)",
+        human_bytes(h.file_len()),
+        human_bytes(h.manifest_len),
+        human_bytes(h.blob_len)
+    );
+    let _ = writeln!(o, "  header CRC  OK");
+    let _ = writeln!(o, "  manifest CRC {:#010x} OK", h.manifest_crc);
+    let d = &m.device;
+    let _ = writeln!(
+        o,
+        "  device      {} '{}' #{}, arena {} at {:#x}",
+        d.backend,
+        d.name,
+        d.ordinal,
+        human_bytes(d.arena_bytes),
+        d.arena_base
+    );
+    for s in &m.sessions {
+        let st = &s.state;
+        let _ = writeln!(
+            o,
+            "  session {} pid {} ({}), socket {}, at call {}",
+            s.id, s.pid, s.command, s.socket, s.last_executed
+        );
+        let count =
+            |f: fn(&manifest::ObjectState) -> bool| st.objects.iter().filter(|(_, o)| f(o)).count();
+        let _ = writeln!(
+            o,
+            "    objects   {} streams, {} events, {} modules, {} functions; next handle {:#x}",
+            count(|o| matches!(o, manifest::ObjectState::Stream { .. })),
+            count(|o| matches!(o, manifest::ObjectState::Event { .. })),
+            count(|o| matches!(o, manifest::ObjectState::Module { .. })),
+            count(|o| matches!(o, manifest::ObjectState::Function { .. })),
+            st.next_handle
+        );
+        for (h, obj) in &st.objects {
+            if let manifest::ObjectState::Module { image } = obj {
+                let funcs: Vec<&str> = st
+                    .objects
+                    .iter()
+                    .filter_map(|(_, o)| match o {
+                        manifest::ObjectState::Function { module, name, .. } if module == h => {
+                            Some(name.as_str())
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "    module    {h:#x}: {} image; functions {}",
+                    human_bytes(image.len() as u64),
+                    funcs.join(", ")
+                );
+            }
+        }
+        let total: u64 = st.allocations.iter().map(|a| a.1).sum();
+        let _ = writeln!(
+            o,
+            "    memory    {} allocations, {}",
+            st.allocations.len(),
+            human_bytes(total)
+        );
+        for (a, b) in st.allocations.iter().take(8) {
+            let _ = writeln!(o, "              {a:#x} +{}", human_bytes(*b));
+        }
+        if st.allocations.len() > 8 {
+            let _ = writeln!(o, "              ... {} more", st.allocations.len() - 8);
+        }
+        let _ = writeln!(
+            o,
+            "    globals   {} module variables",
+            st.module_globals.len()
+        );
+        let _ = writeln!(
+            o,
+            "    pinned    {} regions, {}",
+            st.pinned.len(),
+            human_bytes(st.pinned.iter().map(|p| p.1).sum())
+        );
+        let err = |e: Option<u32>| {
+            e.map(|c| crate::protocol::CuError(c).name().to_string())
+                .unwrap_or_else(|| "none".into())
+        };
+        let _ = writeln!(
+            o,
+            "    errors    deferred {}, sticky {}",
+            err(st.deferred),
+            err(st.sticky)
+        );
+    }
+    o
+}

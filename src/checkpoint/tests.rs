@@ -1,0 +1,409 @@
+//! Unit tests: image round trip through a file, every refusal on load, atomic replacement, suspend-style in-memory
+//! round trip. Device state lives on an emulated backend with its own arena (no NVRTC needed).
+
+use super::format::{FORMAT_MAJOR, IMAGE_FILE};
+use super::image::{write_image, LoadedImage};
+use super::manifest::{DeviceImage, Manifest};
+use super::ops::{capture, restore_state, Captured, ExpectedCrc, Identity};
+use super::CheckpointError;
+use crate::backend::emulated::EmulatedBackend;
+use crate::backend::{Backend, BackendOptions};
+use crate::protocol::{CuError, Handle};
+use crate::server::session::{Allocation, Object, SessionState};
+use crate::transport::{Segment, SegmentLayout};
+use std::sync::Arc;
+
+const GLOBALS_PTX: &str = r#"
+.version 8.0
+.target sm_90
+.address_size 64
+
+.global .align 4 .u32 counter = 7;
+.global .align 4 .b8 table[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+
+.visible .entry bump(
+    .param .u64 bump_param_0
+)
+{
+    .reg .b32 %r<4>;
+    .reg .b64 %rd<3>;
+
+    ld.param.u64 %rd1, [bump_param_0];
+    ld.global.u32 %r1, [counter];
+    add.u32 %r3, %r1, 1;
+    st.global.u32 [counter], %r3;
+    cvta.to.global.u64 %rd2, %rd1;
+    st.global.u32 [%rd2], %r3;
+    ret;
+}
+"#;
+
+fn backend() -> Arc<dyn Backend> {
+    let opts = BackendOptions {
+        device: 0,
+        arena_bytes: 1 << 30,
+        threads: 2,
+    };
+    Arc::new(EmulatedBackend::new_for_tests(&opts).expect("emulated backend"))
+}
+
+fn segment() -> Segment {
+    Segment::create(SegmentLayout {
+        ring_bytes: 64 << 10,
+        reply_bytes: 64 << 10,
+        staging_bytes: 64 << 10,
+        pinned_bytes: 1 << 20,
+    })
+    .expect("segment")
+}
+
+fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A session with memory, a module (with variables), a function, a stream, an event, pinned memory and a deferred
+/// error.
+fn populated(b: &Arc<dyn Backend>, seg: &Segment) -> SessionState {
+    let mut st = SessionState::new(b.clone()).unwrap();
+    for (i, n) in [4096usize, 3 << 20, 100].into_iter().enumerate() {
+        let p = b.mem_alloc(n as u64).unwrap();
+        b.write_device(p, &pattern(i as u64, n)).unwrap();
+        st.allocations.insert(p, Allocation { bytes: n as u64 });
+    }
+    let m = b.module_load(st.ctx, GLOBALS_PTX.as_bytes()).unwrap();
+    let mh = st.insert(Object::Module {
+        id: m,
+        image: Arc::new(GLOBALS_PTX.as_bytes().to_vec()),
+    });
+    let (f, layout) = b.module_function(m, "bump").unwrap();
+    st.insert(Object::Function {
+        id: f,
+        module: mh,
+        name: "bump".into(),
+        params: layout.params,
+        params_bytes: layout.params_bytes,
+    });
+    let (gp, gb) = b.module_global(m, "counter").unwrap();
+    b.write_device(gp, &41u32.to_le_bytes()).unwrap();
+    st.globals.insert(gp, gb);
+    let s = b.stream_create(st.ctx, 1, -1).unwrap();
+    st.insert(Object::Stream {
+        id: s,
+        flags: 1,
+        priority: -1,
+    });
+    let e = b.event_create(st.ctx, 2).unwrap();
+    st.insert(Object::Event { id: e, flags: 2 });
+    st.pinned.insert(8192, 4096);
+    // SAFETY: [8192, 12288) lies inside the 1 MiB pinned area of the segment, which nobody else maps.
+    unsafe {
+        std::ptr::copy_nonoverlapping(pattern(9, 4096).as_ptr(), seg.pinned_ptr().add(8192), 4096)
+    };
+    st.deferred = Some(CuError::LAUNCH_OUT_OF_RESOURCES);
+    st
+}
+
+fn who() -> Identity {
+    Identity {
+        id: 5,
+        token: 77,
+        pid: 1234,
+        command: "train".into(),
+        socket: "/tmp/x.sock".into(),
+    }
+}
+
+fn take(b: &Arc<dyn Backend>, st: &mut SessionState, seg: &Segment) -> Captured {
+    capture(st, seg, who(), DeviceImage::of(b.info())).unwrap()
+}
+
+fn write(b: &Arc<dyn Backend>, cap: &Captured, dir: &std::path::Path) {
+    let pinned = cap.pinned.clone();
+    let mut k = 0usize;
+    let regions = cap.manifest.regions.clone();
+    let mut fill = |i: usize, r: &super::manifest::Region, off: u64, dst: &mut [u8]| {
+        if r.kind == super::manifest::RegionKind::Pinned {
+            let idx = regions[..i]
+                .iter()
+                .filter(|x| x.kind == super::manifest::RegionKind::Pinned)
+                .count();
+            k = idx;
+            dst.copy_from_slice(&pinned[k][off as usize..off as usize + dst.len()]);
+            Ok(())
+        } else {
+            b.read_device(r.addr + off, dst)
+                .map_err(|e| CheckpointError::Backend(e.to_string()))
+        }
+    };
+    write_image(dir, &cap.manifest, &mut fill, &mut |_, _| {}).unwrap();
+}
+
+fn restore(
+    b: &Arc<dyn Backend>,
+    dir: &std::path::Path,
+) -> Result<super::ops::Rebuilt, CheckpointError> {
+    let img = LoadedImage::open(dir)?;
+    let mut r = img.blob_reader()?;
+    restore_state(
+        b,
+        &img.manifest,
+        &mut r,
+        ExpectedCrc::Known(img.header.blob_crc),
+        "t",
+        &mut || Ok(()),
+        &mut |_, _| {},
+    )
+}
+
+fn snapshot(b: &Arc<dyn Backend>, st: &SessionState) -> Vec<(u64, Vec<u8>)> {
+    let mut v = Vec::new();
+    for (&a, al) in &st.allocations {
+        let mut buf = vec![0u8; al.bytes as usize];
+        b.read_device(a, &mut buf).unwrap();
+        v.push((a, buf));
+    }
+    v
+}
+
+#[test]
+fn image_roundtrip_keeps_addresses_handles_and_contents() {
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let before = snapshot(&b, &st);
+    let handles: Vec<Handle> = {
+        let mut h: Vec<Handle> = st.objects.keys().copied().collect();
+        h.sort();
+        h
+    };
+    let globals = st.globals.clone();
+    let (free0, _) = b.mem_info();
+    let dir = tempfile::tempdir().unwrap();
+    let cap = take(&b, &mut st, &seg);
+    write(&b, &cap, dir.path());
+    st.teardown();
+    let (free_empty, total) = b.mem_info();
+    assert_eq!(free_empty, total, "teardown frees everything");
+
+    let rebuilt = restore(&b, dir.path()).unwrap();
+    let st2 = rebuilt.state;
+    assert_eq!(snapshot(&b, &st2), before);
+    let mut h2: Vec<Handle> = st2.objects.keys().copied().collect();
+    h2.sort();
+    assert_eq!(h2, handles);
+    assert_eq!(
+        st2.globals, globals,
+        "module variables keep their addresses"
+    );
+    let (&gp, _) = globals.iter().next().unwrap();
+    let mut c = [0u8; 4];
+    b.read_device(gp, &mut c).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(c),
+        41,
+        "module variable contents are written back"
+    );
+    assert_eq!(st2.deferred, Some(CuError::LAUNCH_OUT_OF_RESOURCES));
+    assert_eq!(rebuilt.pinned_data, vec![(8192, pattern(9, 4096))]);
+    assert!(st2.next_handle() >= *handles.last().map(|h| &h.0).unwrap());
+    assert_eq!(b.mem_info().0, free0, "the same memory is held again");
+    // The restored kernel runs against the restored variable.
+    let (fid, _) = st2.function(Handle(handles[1].0)).unwrap();
+    let out = *st2.allocations.keys().next().unwrap();
+    b.launch(
+        fid,
+        [1, 1, 1],
+        [1, 1, 1],
+        0,
+        st2.default_stream,
+        &out.to_le_bytes(),
+    )
+    .unwrap();
+    b.context_synchronize(st2.ctx).unwrap();
+    b.read_device(out, &mut c).unwrap();
+    assert_eq!(u32::from_le_bytes(c), 42);
+    let mut st2 = st2;
+    st2.teardown();
+}
+
+fn flip(path: &std::path::Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn err_of(r: Result<super::ops::Rebuilt, CheckpointError>) -> String {
+    match r {
+        Ok(_) => panic!("a damaged image was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn damaged_images_are_refused_and_nothing_is_left_behind() {
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let dir = tempfile::tempdir().unwrap();
+    let cap = take(&b, &mut st, &seg);
+    write(&b, &cap, dir.path());
+    st.teardown();
+    let (free, total) = b.mem_info();
+    assert_eq!(free, total);
+    let path = dir.path().join(IMAGE_FILE);
+    let good = std::fs::read(&path).unwrap();
+    let img = LoadedImage::open(dir.path()).unwrap();
+    let (mo, bo, bl) = (
+        img.header.manifest_offset,
+        img.header.blob_offset,
+        img.header.blob_len,
+    );
+    drop(img);
+
+    flip(&path, mo + 10);
+    let e = err_of(restore(&b, dir.path()));
+    assert!(e.contains("manifest CRC mismatch"), "{e}");
+
+    std::fs::write(&path, &good).unwrap();
+    flip(&path, bo + bl / 2);
+    let e = err_of(restore(&b, dir.path()));
+    assert!(e.contains("blob CRC mismatch"), "{e}");
+    assert_eq!(
+        b.mem_info().0,
+        total,
+        "a refused blob leaves no allocation behind"
+    );
+    assert!(super::ops::inspect_cmd(dir.path()).is_err());
+
+    std::fs::write(&path, &good[..good.len() - 100]).unwrap();
+    let e = err_of(restore(&b, dir.path()));
+    assert!(
+        e.contains("truncated") && e.contains(&good.len().to_string()),
+        "{e}"
+    );
+
+    let mut v = good.clone();
+    v[8..10].copy_from_slice(&(FORMAT_MAJOR + 1).to_le_bytes());
+    std::fs::write(&path, &v).unwrap();
+    let e = err_of(restore(&b, dir.path()));
+    assert!(
+        e.contains(&format!("format {}.0", FORMAT_MAJOR + 1)) && e.contains("reads format 1.0"),
+        "{e}"
+    );
+
+    // Another device: same manifest with another arena size, rewritten with valid CRCs.
+    std::fs::write(&path, &good).unwrap();
+    let img = LoadedImage::open(dir.path()).unwrap();
+    let mut m: Manifest = img.manifest.clone();
+    m.device.arena_bytes *= 2;
+    let blob = good[bo as usize..].to_vec();
+    let enc = m.encode();
+    let mut h = super::format::Header::new(
+        enc.len() as u64,
+        crc32fast::hash(&enc),
+        blob.len() as u64,
+        img.header.blob_crc,
+    );
+    h.created_unix_ms = 0;
+    let mut f = h.encode();
+    f.resize(h.blob_offset as usize, 0);
+    f[h.manifest_offset as usize..][..enc.len()].copy_from_slice(&enc);
+    f.extend_from_slice(&blob);
+    std::fs::write(&path, &f).unwrap();
+    let e = err_of(restore(&b, dir.path()));
+    assert!(
+        e.contains("2.00 GiB arena") && e.contains("1.00 GiB arena"),
+        "{e}"
+    );
+    assert_eq!(b.mem_info().0, total);
+
+    // The intact image still restores.
+    std::fs::write(&path, &good).unwrap();
+    super::ops::inspect_cmd(dir.path()).unwrap();
+    let mut st2 = restore(&b, dir.path()).unwrap().state;
+    st2.teardown();
+}
+
+#[test]
+fn a_failed_write_leaves_the_earlier_image_intact() {
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let dir = tempfile::tempdir().unwrap();
+    let cap = take(&b, &mut st, &seg);
+    write(&b, &cap, dir.path());
+    let good = std::fs::read(dir.path().join(IMAGE_FILE)).unwrap();
+    let mut n = 0;
+    let mut failing = |_: usize, _: &super::manifest::Region, _: u64, dst: &mut [u8]| {
+        n += 1;
+        dst.fill(0);
+        if n > 1 {
+            Err(CheckpointError::Backend("device lost".into()))
+        } else {
+            Ok(())
+        }
+    };
+    let e = write_image(dir.path(), &cap.manifest, &mut failing, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("device lost"), "{e}");
+    assert_eq!(std::fs::read(dir.path().join(IMAGE_FILE)).unwrap(), good);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
+    st.teardown();
+}
+
+#[test]
+fn in_memory_roundtrip_like_suspend() {
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let before = snapshot(&b, &st);
+    let cap = take(&b, &mut st, &seg);
+    let mut blob = Vec::new();
+    let crc = {
+        let regions = cap.manifest.regions.clone();
+        let mut fill = |i: usize, r: &super::manifest::Region, off: u64, dst: &mut [u8]| {
+            if r.kind == super::manifest::RegionKind::Pinned {
+                let k = regions[..i]
+                    .iter()
+                    .filter(|x| x.kind == super::manifest::RegionKind::Pinned)
+                    .count();
+                dst.copy_from_slice(&cap.pinned[k][off as usize..off as usize + dst.len()]);
+                Ok(())
+            } else {
+                b.read_device(r.addr + off, dst)
+                    .map_err(|e| CheckpointError::Backend(e.to_string()))
+            }
+        };
+        super::image::produce_blob(&cap.manifest.regions, &mut fill, &mut blob, &mut |_, _| {})
+            .unwrap()
+    };
+    assert_eq!(crc, crc32fast::hash(&blob));
+    st.teardown();
+    let (free, total) = b.mem_info();
+    assert_eq!(free, total, "suspended: nothing held on the device");
+    let mut src: &[u8] = &blob;
+    let r = restore_state(
+        &b,
+        &cap.manifest,
+        &mut src,
+        ExpectedCrc::Known(crc),
+        "mem",
+        &mut || Ok(()),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(snapshot(&b, &r.state), before);
+    let mut st2 = r.state;
+    st2.teardown();
+}
