@@ -438,8 +438,9 @@ impl Server {
                         break 'outer;
                     }
                     JobOutcome::Pause => {
-                        sh.set_phase(Phase::Paused);
+                        // Clear a stale resume first: one sent as soon as the phase reads Paused must count.
                         sh.resume.store(false, Ordering::Release);
+                        sh.set_phase(Phase::Paused);
                         tracing::info!(
                             "session {}: paused at call {}",
                             sh.id,
