@@ -58,6 +58,15 @@ pub fn guard(name: &'static str, body: impl FnOnce() -> CUresult) -> CUresult {
     }
 }
 
+/// Logs (at debug level) the first call of an implemented function: `DEVPROXY_LOG=debug` thus lists every driver
+/// function a program really uses. Costs one relaxed load per call afterwards.
+#[cold]
+pub fn first_use(name: &'static str, seen: &AtomicBool) {
+    if !seen.swap(true, Ordering::Relaxed) {
+        crate::log::debug(format_args!("first call: {name}"));
+    }
+}
+
 /// The body of every `none` export.
 #[cold]
 pub fn unsupported(name: &'static str, logged: &AtomicBool) -> CUresult {
@@ -115,6 +124,10 @@ macro_rules! driver_table {
         /// as NVIDIA's documentation requires.
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            static SEEN: AtomicBool = AtomicBool::new(false);
+            if !SEEN.load(Ordering::Relaxed) {
+                first_use(stringify!($name), &SEEN);
+            }
             guard(stringify!($name), || {
                 // SAFETY: our caller upholds the driver API contract, which is exactly the `# Safety` contract of
                 // the `imp` function of the same name and signature.
@@ -237,10 +250,8 @@ mod tests {
         let f: unsafe extern "C" fn(cudarc::driver::sys::CUarray) -> CUresult =
             unsafe { std::mem::transmute(e.func.0) };
         // SAFETY: stubs never dereference their arguments.
-        assert_eq!(
-            unsafe { f(std::ptr::null_mut()) },
-            CUresult::CUDA_ERROR_NOT_SUPPORTED
-        );
+        let r = unsafe { f(std::ptr::null_mut()) };
+        assert_eq!(r, CUresult::CUDA_ERROR_NOT_SUPPORTED);
     }
 
     #[test]

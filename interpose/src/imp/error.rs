@@ -77,26 +77,18 @@ mod tests {
     fn names_and_strings() {
         let mut p: *const c_char = std::ptr::null();
         // SAFETY: valid out-pointer.
-        assert_eq!(
-            unsafe { cuGetErrorName(CUresult::CUDA_ERROR_OUT_OF_MEMORY, &mut p) },
-            CUresult::CUDA_SUCCESS
-        );
+        let r = unsafe { cuGetErrorName(CUresult::CUDA_ERROR_OUT_OF_MEMORY, &mut p) };
+        assert_eq!(r, CUresult::CUDA_SUCCESS);
         // SAFETY: the shim returned a NUL-terminated static string.
-        assert_eq!(
-            unsafe { CStr::from_ptr(p) }.to_str().unwrap(),
-            "CUDA_ERROR_OUT_OF_MEMORY"
-        );
+        let s = unsafe { CStr::from_ptr(p) };
+        assert_eq!(s.to_str().unwrap(), "CUDA_ERROR_OUT_OF_MEMORY");
         // SAFETY: valid out-pointer.
         unsafe { cuGetErrorString(CUresult::CUDA_ERROR_OUT_OF_MEMORY, &mut p) };
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { CStr::from_ptr(p) }.to_str().unwrap(),
-            "out of memory"
-        );
+        let s = unsafe { CStr::from_ptr(p) };
+        assert_eq!(s.to_str().unwrap(), "out of memory");
         // SAFETY: null out-pointer is refused, not written.
-        assert_eq!(
-            unsafe { cuGetErrorName(CUresult::CUDA_SUCCESS, std::ptr::null_mut()) },
-            CUresult::CUDA_ERROR_INVALID_VALUE
-        );
+        let r = unsafe { cuGetErrorName(CUresult::CUDA_SUCCESS, std::ptr::null_mut()) };
+        assert_eq!(r, CUresult::CUDA_ERROR_INVALID_VALUE);
     }
 }

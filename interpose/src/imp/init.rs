@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn c_entry_reports_status_and_nulls_pfn() {
         use CUdriverProcAddressQueryResult as Q;
-        let mut pfn: *mut c_void = 1 as *mut c_void;
+        let mut pfn: *mut c_void = std::ptr::dangling_mut();
         let mut st = Q::CU_GET_PROC_ADDRESS_SUCCESS;
         // SAFETY: valid C string and out-pointers.
         let r = unsafe { cuGetProcAddress_v2(c"cuBogus".as_ptr(), &mut pfn, 13000, 0, &mut st) };

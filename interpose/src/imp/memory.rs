@@ -317,10 +317,11 @@ unsafe fn unified(
 ) -> Result<(), CuError> {
     let c = client()?;
     let dev = |p| kind(c, p) == PtrKind::Device;
-    // SAFETY (all arms): forwarded caller contract.
     match (dev(dst), dev(src)) {
         (true, true) => dtod(c, dst, src, len, stream, sync),
+        // SAFETY: forwarded caller contract (`src` is a host pointer valid for `len` bytes).
         (true, false) => unsafe { htod(c, dst, src as *const c_void, len, stream, sync) },
+        // SAFETY: forwarded caller contract (`dst` is a host pointer valid for `len` bytes).
         (false, true) => unsafe { dtoh(c, dst as *mut c_void, src, len, stream, sync) },
         (false, false) => {
             if len > 0 && (dst == 0 || src == 0) {
@@ -508,7 +509,7 @@ unsafe fn pointer_attribute(
         return Err(CuError::INVALID_VALUE);
     }
     let device = k == PtrKind::Device;
-    // SAFETY (every `put`): the caller guarantees `data` is writable for the attribute's documented type.
+    // SAFETY: (every `put` below) the caller guarantees `data` is writable for the attribute's documented type.
     unsafe {
         match attr {
             // CONTEXT

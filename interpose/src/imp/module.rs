@@ -243,13 +243,13 @@ mod tests {
 
     #[test]
     fn fatbin_length_from_header() {
-        let mut img = vec![0u8; 16 + 100];
+        let mut img = [0u8; 16 + 100];
         img[..4].copy_from_slice(&FATBIN_MAGIC.to_le_bytes());
         img[6..8].copy_from_slice(&16u16.to_le_bytes());
         img[8..16].copy_from_slice(&100u64.to_le_bytes());
         // SAFETY: a well-formed fatbin header followed by its payload.
         assert_eq!(unsafe { image_len(img.as_ptr()) }.unwrap().1, 116);
-        let mut wrapper = vec![0u8; 24];
+        let mut wrapper = [0u8; 24];
         wrapper[..4].copy_from_slice(&FATBIN_WRAPPER_MAGIC.to_le_bytes());
         wrapper[8..16].copy_from_slice(&(img.as_ptr() as usize).to_le_bytes());
         // SAFETY: the wrapper points to the fatbin above.
