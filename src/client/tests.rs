@@ -219,7 +219,10 @@ fn calls_and_data_paths() {
     pinned.fill(0xab);
     c.htod(BASE + 50_000, pinned, Handle::NULL, false).unwrap();
     // An async copy from pinned memory reads it in stream order: wait before reusing the buffer.
-    c.call(&Request::StreamSynchronize { stream: Handle::NULL }).unwrap();
+    c.call(&Request::StreamSynchronize {
+        stream: Handle::NULL,
+    })
+    .unwrap();
     pinned.fill(0);
     // SAFETY: `p` is valid for 256 bytes until the sync below.
     unsafe { c.dtoh_raw(p, 256, BASE + 50_000, Handle::NULL, false) }.unwrap();

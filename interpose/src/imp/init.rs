@@ -14,7 +14,8 @@
 //!    `VERSION_NOT_SUFFICIENT` when only a variant newer than `cudaVersion` exists).
 //!
 //! `flags` may ask for the per-thread-default-stream variants (`_ptsz`/`_ptds`); devproxy maps CU_STREAM_PER_THREAD
-//! to the session's default stream, so the ordinary variant is returned for every flag value.
+//! to the session's default stream, so the ordinary variant is returned for every flag value, and a name asked for
+//! with an explicit `_ptsz`/`_ptds` suffix resolves like the name without it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
@@ -58,6 +59,12 @@ fn split_version(name: &str) -> Option<(&str, u32)> {
 
 /// Resolves a requested driver symbol per the rule in the module docs. Allocation-free.
 pub fn resolve(name: &str, cuda_version: i32) -> Resolved {
+    if let Some(base) = name
+        .strip_suffix("_ptsz")
+        .or_else(|| name.strip_suffix("_ptds"))
+    {
+        return resolve(base, cuda_version);
+    }
     if split_version(name).is_some() {
         return table::find(name.as_bytes()).map_or(Resolved::NotFound, Resolved::Found);
     }
