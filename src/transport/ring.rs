@@ -243,10 +243,26 @@ pub struct Segment {
     region: ShmRegion,
     layout: SegmentLayout,
     /// Serialises producers of this process (memory safety under misuse; uncontended in normal use).
-    producer: Mutex<()>,
-    /// Serialises consumers; holds the seq of the last record popped through this mapping (None: not yet, take the
-    /// header's `popped_seq`).
-    consumer: Mutex<Option<u64>>,
+    producer: Mutex<ProducerState>,
+    /// Serialises consumers of this process.
+    consumer: Mutex<ConsumerState>,
+}
+
+/// Producer-local state.
+#[derive(Debug, Default)]
+struct ProducerState {
+    /// A tail value seen earlier. Tail only grows, so free space computed from it is a lower bound; the shared tail
+    /// (a cache line the consumer keeps writing) is re-read only when that bound is not enough.
+    cached_tail: u64,
+}
+
+/// Consumer-local state.
+#[derive(Debug, Default)]
+struct ConsumerState {
+    /// Seq of the last record popped through this mapping (None: not yet; the header's `popped_seq` is used).
+    last: Option<u64>,
+    /// A head value seen earlier: records up to it are published, so the shared head is re-read only on reaching it.
+    cached_head: u64,
 }
 
 macro_rules! hdr_u64 {
@@ -309,8 +325,8 @@ impl Segment {
         Ok(Segment {
             region,
             layout,
-            producer: Mutex::new(()),
-            consumer: Mutex::new(None),
+            producer: Mutex::new(ProducerState::default()),
+            consumer: Mutex::new(ConsumerState::default()),
         })
     }
 
@@ -376,8 +392,8 @@ impl Segment {
         Ok(Segment {
             region,
             layout,
-            producer: Mutex::new(()),
-            consumer: Mutex::new(None),
+            producer: Mutex::new(ProducerState::default()),
+            consumer: Mutex::new(ConsumerState::default()),
         })
     }
 
@@ -463,15 +479,23 @@ impl Segment {
                 max,
             });
         }
-        let _guard = self.producer.lock();
+        let mut state = self.producer.lock();
         let ring = self.layout.ring_bytes;
         let total = record_total(payload.len());
         let head_a = hdr_u64!(self, head);
+        let mut fresh = false;
         let (head, pad) = loop {
             let head = head_a.load(Ordering::Relaxed);
-            let tail = hdr_u64!(self, tail).load(Ordering::Acquire);
+            if fresh {
+                state.cached_tail = hdr_u64!(self, tail).load(Ordering::Acquire);
+            }
+            let tail = state.cached_tail;
             let used = head.wrapping_sub(tail);
             if used > ring || head % 8 != 0 {
+                if !fresh {
+                    fresh = true;
+                    continue;
+                }
                 return Err(TransportError::Corrupt(format!(
                     "head {head} / tail {tail} impossible for a ring of {ring} bytes"
                 )));
@@ -481,7 +505,10 @@ impl Segment {
             if ring - used >= pad + total {
                 break (head, pad);
             }
-            self.wait_for_space(head, pad + total, alive)?;
+            if fresh {
+                self.wait_for_space(head, pad + total, alive)?;
+            }
+            fresh = true;
         };
         let ring_ptr = self.ring_ptr();
         if pad > 0 {
@@ -653,7 +680,7 @@ impl Segment {
         out: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<Option<RecordMeta>, TransportError> {
-        let mut last = self.consumer.lock();
+        let mut state = self.consumer.lock();
         let deadline = Instant::now().checked_add(timeout);
         let kick = hdr_u32!(self, kick);
         let head_a = hdr_u64!(self, head);
@@ -663,7 +690,7 @@ impl Segment {
             if kick.load(Ordering::Acquire) != 0 && kick.swap(0, Ordering::AcqRel) != 0 {
                 return Ok(None);
             }
-            if let Some(meta) = self.try_pop(&mut last, out)? {
+            if let Some(meta) = self.try_pop(&mut state, out)? {
                 return Ok(Some(meta));
             }
             if spinner.spin() {
@@ -693,14 +720,18 @@ impl Segment {
 
     fn try_pop(
         &self,
-        last: &mut Option<u64>,
+        state: &mut ConsumerState,
         out: &mut Vec<u8>,
     ) -> Result<Option<RecordMeta>, TransportError> {
         let ring = self.layout.ring_bytes;
         let ring_ptr = self.ring_ptr();
         loop {
             let tail = hdr_u64!(self, tail).load(Ordering::Relaxed);
-            let head = hdr_u64!(self, head).load(Ordering::Acquire);
+            if state.cached_head.wrapping_sub(tail) > ring || state.cached_head == tail {
+                // Caught up with (or not yet acquired) the producer's position: re-read the shared head.
+                state.cached_head = hdr_u64!(self, head).load(Ordering::Acquire);
+            }
+            let head = state.cached_head;
             if head == tail {
                 return Ok(None);
             }
@@ -750,7 +781,9 @@ impl Segment {
                 std::ptr::read_volatile(ring_ptr.add(off as usize + 8).cast::<[u8; 8]>())
             };
             let seq = u64::from_le_bytes(w1);
-            let prev = last.unwrap_or_else(|| hdr_u64!(self, popped_seq).load(Ordering::Relaxed));
+            let prev = state
+                .last
+                .unwrap_or_else(|| hdr_u64!(self, popped_seq).load(Ordering::Relaxed));
             if seq != prev.wrapping_add(1) {
                 return Err(TransportError::Corrupt(format!(
                     "record at {tail} has seq {seq}, expected {}",
@@ -769,7 +802,7 @@ impl Segment {
                 );
                 out.set_len(len);
             }
-            *last = Some(seq);
+            state.last = Some(seq);
             self.advance_tail(tail.wrapping_add(total), Some(seq));
             return Ok(Some(RecordMeta {
                 seq,
