@@ -6,7 +6,7 @@
 //! restore the roles swap: a reader thread fills buffers from the file (and checks the CRC), the caller writes them to
 //! the device.
 
-use super::format::{Header, BLOB_ALIGN, FLAG_TRAILING_BLOB_CRC, IMAGE_FILE, MAX_HEADER_BYTES};
+use super::format::{Header, FLAG_TRAILING_BLOB_CRC, IMAGE_FILE, MAX_HEADER_BYTES};
 use super::manifest::{Manifest, Region};
 use super::CheckpointError;
 use std::fs::File;
@@ -243,6 +243,7 @@ pub fn write_image(
         head[header.manifest_offset as usize..][..m.len()].copy_from_slice(&m);
         f.write_all(&head)
             .map_err(io_err("writing the manifest", &tmp))?;
+        write_delay();
         header.blob_crc = produce_blob(&manifest.regions, fill, &mut f, progress)?;
         f.write_all_at(&header.encode(), 0)
             .map_err(io_err("writing the header", &tmp))?;
@@ -267,6 +268,17 @@ pub fn write_image(
             let _ = std::fs::remove_file(&tmp);
             Err(e)
         }
+    }
+}
+
+/// Tests only: `DEVPROXY_TEST_IMAGE_WRITE_DELAY_MS` holds an image write open that long after its manifest is written,
+/// so a test can kill the server while an image is half written.
+fn write_delay() {
+    if let Some(ms) = std::env::var("DEVPROXY_TEST_IMAGE_WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
     }
 }
 
@@ -379,9 +391,4 @@ impl LoadedImage {
         }
         Ok(())
     }
-}
-
-/// Rounds up to the blob alignment (for callers sizing files).
-pub fn blob_aligned(x: u64) -> u64 {
-    x.div_ceil(BLOB_ALIGN) * BLOB_ALIGN
 }
