@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod control;
+pub mod nccl;
 pub mod protocol;
 pub mod server;
 pub mod transport;

@@ -177,12 +177,24 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    // ---- host work in stream order (NCCL collectives on the emulated device) ----
+    /// Enqueues `job` on `stream`: it runs after the stream's earlier work and before its later work, and its error
+    /// is reported like that of any stream work. Backends that cannot run host code in stream order say
+    /// NOT_SUPPORTED.
+    fn enqueue_host(&self, stream: StreamId, job: HostJob) -> BResult<()> {
+        let _ = (stream, job);
+        Err(CuError::NOT_SUPPORTED)
+    }
+
     // ---- bulk access for checkpoint / restore (the device must be idle for the ranges touched) ----
     /// Reads device memory synchronously. Implementations copy in large chunks at full speed.
     fn read_device(&self, src: u64, dst: &mut [u8]) -> BResult<()>;
     /// Writes device memory synchronously.
     fn write_device(&self, dst: u64, src: &[u8]) -> BResult<()>;
 }
+
+/// Host work run in stream order ([`Backend::enqueue_host`]).
+pub type HostJob = Box<dyn FnOnce() -> Result<(), CuError> + Send>;
 
 /// Which backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

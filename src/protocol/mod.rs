@@ -304,6 +304,18 @@ pub enum Request {
     HostFree { offset: u64 },
     /// Returns the session's sticky error, if any, without side effects -> Reply::Unit or Err.
     GetLastError,
+    /// Starts a rendezvous hub for a new NCCL clique -> Reply::Bytes (the 128-byte ncclUniqueId)
+    NcclGetUniqueId,
+    /// Joins a clique -> Reply::NcclComm
+    NcclCommInitRank { id: Vec<u8>, nranks: i32, rank: i32 },
+    /// Splits a communicator (collective over it) -> Reply::NcclComm (`comm` NULL for NCCL_SPLIT_NOCOLOR)
+    NcclCommSplit { comm: Handle, color: i32, key: i32 },
+    /// -> Reply::Unit
+    NcclCommDestroy { comm: Handle },
+    /// (ff) one operation, or the operations of one ncclGroupStart/End, enqueued on their streams
+    NcclGroup { ops: Vec<crate::nccl::NcclOp> },
+    /// -> Reply::Int (an ncclResult_t: 0, or 6 = ncclRemoteError once an operation failed)
+    NcclCommGetAsyncError { comm: Handle },
 }
 
 impl Request {
@@ -314,7 +326,8 @@ impl Request {
             | Request::LaunchKernel(_)
             | Request::StreamWaitEvent { .. }
             | Request::EventRecord { .. }
-            | Request::EventDestroy { .. } => false,
+            | Request::EventDestroy { .. }
+            | Request::NcclGroup { .. } => false,
             Request::MemcpyHtoD { src, sync, .. } => {
                 *sync || matches!(src, HostSrc::Staging { .. })
             }
@@ -361,6 +374,12 @@ impl Request {
             Request::HostAlloc { .. } => "HostAlloc",
             Request::HostFree { .. } => "HostFree",
             Request::GetLastError => "GetLastError",
+            Request::NcclGetUniqueId => "NcclGetUniqueId",
+            Request::NcclCommInitRank { .. } => "NcclCommInitRank",
+            Request::NcclCommSplit { .. } => "NcclCommSplit",
+            Request::NcclCommDestroy { .. } => "NcclCommDestroy",
+            Request::NcclGroup { .. } => "NcclGroup",
+            Request::NcclCommGetAsyncError { .. } => "NcclCommGetAsyncError",
         }
     }
 }
@@ -385,6 +404,14 @@ pub enum Reply {
     },
     /// The request (or an earlier fire-and-forget one) failed.
     Err(CuError),
+    /// Opaque bytes (an ncclUniqueId).
+    Bytes(Vec<u8>),
+    /// A communicator and this rank's place in it.
+    NcclComm {
+        comm: Handle,
+        rank: i32,
+        nranks: i32,
+    },
 }
 
 /// Notices the server sends on the socket outside the ring.

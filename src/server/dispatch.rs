@@ -328,5 +328,82 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             }
             Reply::Unit
         }
+        Request::NcclGetUniqueId => {
+            let id = crate::nccl::hub::start().map_err(|e| {
+                tracing::error!("ncclGetUniqueId: {e}");
+                CuError::UNKNOWN
+            })?;
+            Reply::Bytes(id.0.to_vec())
+        }
+        Request::NcclCommInitRank { id, nranks, rank } => {
+            let id = crate::nccl::UniqueId::from_bytes(&id).ok_or_else(|| {
+                tracing::warn!("ncclCommInitRank: the unique id was not made by devproxy's ncclGetUniqueId");
+                CuError::INVALID_VALUE
+            })?;
+            nccl_join(s, id, rank, nranks)?
+        }
+        Request::NcclCommSplit { comm, color, key } => {
+            let c = nccl_comm(s, comm)?;
+            match c.split(color, key).map_err(|e| {
+                tracing::warn!("ncclCommSplit: {e}");
+                CuError::UNKNOWN
+            })? {
+                Some((id, rank, nranks)) => nccl_join(s, id, rank, nranks)?,
+                None => Reply::NcclComm { comm: crate::protocol::Handle::NULL, rank: -1, nranks: 0 },
+            }
+        }
+        Request::NcclCommDestroy { comm } => {
+            s.nccl.remove(&comm).ok_or(CuError::INVALID_HANDLE)?;
+            Reply::Unit
+        }
+        Request::NcclCommGetAsyncError { comm } => {
+            Reply::Int(if nccl_comm(s, comm)?.async_error().is_some() { 6 } else { 0 })
+        }
+        Request::NcclGroup { ops } => {
+            let mut items = Vec::with_capacity(ops.len());
+            for op in ops {
+                let comm = nccl_comm(s, op.comm)?;
+                let st = s.stream(op.stream)?;
+                let extents = op.kind.extents(op.count, op.dtype.size() as u64, comm.nranks as u64, comm.rank);
+                if extents.0 > 0 {
+                    s.check_range(op.send, extents.0)?;
+                }
+                if extents.1 > 0 {
+                    s.check_range(op.recv, extents.1)?;
+                }
+                if let crate::nccl::OpKind::Broadcast { root } | crate::nccl::OpKind::Reduce { root } = op.kind {
+                    if root < 0 || root >= comm.nranks {
+                        return Err(CuError::INVALID_VALUE);
+                    }
+                }
+                if let crate::nccl::OpKind::Send { peer } | crate::nccl::OpKind::Recv { peer } = op.kind {
+                    if peer < 0 || peer >= comm.nranks {
+                        return Err(CuError::INVALID_VALUE);
+                    }
+                }
+                if let crate::nccl::RedOp::PreMulSum(crate::nccl::Scalar::Device(p)) = op.op {
+                    s.check_range(p, op.dtype.size() as u64)?;
+                }
+                let seq = comm.next_seq(&op.kind);
+                items.push((st, crate::nccl::rank::Item { comm, op, seq, extents }));
+            }
+            crate::nccl::rank::enqueue_group(&b, items)?;
+            Reply::Unit
+        }
     })
+}
+
+fn nccl_comm(s: &SessionState, h: crate::protocol::Handle) -> Result<std::sync::Arc<crate::nccl::RankComm>, CuError> {
+    s.nccl.get(&h).cloned().ok_or(CuError::INVALID_HANDLE)
+}
+
+fn nccl_join(s: &mut SessionState, id: crate::nccl::UniqueId, rank: i32, nranks: i32) -> Result<Reply, CuError> {
+    let comm = crate::nccl::RankComm::join(id, rank, nranks, s.ctx.0).map_err(|e| {
+        tracing::warn!("ncclCommInitRank: {e}");
+        CuError::INVALID_VALUE
+    })?;
+    s.set_next_handle(s.next_handle() + 1);
+    let h = crate::protocol::Handle(s.next_handle());
+    s.nccl.insert(h, comm);
+    Ok(Reply::NcclComm { comm: h, rank, nranks })
 }

@@ -61,6 +61,8 @@ pub struct SessionState {
     pub sticky: Option<CuError>,
     /// Registered host spans (staging, pinned allocations) to unregister at teardown.
     pub registered: Vec<HostSpan>,
+    /// NCCL communicators by virtual handle (kept apart from `objects`: a checkpoint saves them per job).
+    pub nccl: HashMap<Handle, Arc<crate::nccl::RankComm>>,
 }
 
 impl SessionState {
@@ -79,6 +81,7 @@ impl SessionState {
             deferred: None,
             sticky: None,
             registered: Vec::new(),
+            nccl: HashMap::new(),
         })
     }
 
@@ -165,6 +168,7 @@ impl SessionState {
     /// Releases everything the session holds on the backend. Errors are logged, not returned: teardown must finish.
     pub fn teardown(&mut self) {
         let b = self.backend.clone();
+        self.nccl.clear();
         if let Err(e) = b.context_synchronize(self.ctx) {
             tracing::debug!("session teardown: synchronize reported {e}");
         }

@@ -669,6 +669,10 @@ impl Backend for EmulatedBackend {
         self.enqueue(stream, Op::Run(Box::new(job))).map(|_| ())
     }
 
+    fn enqueue_host(&self, stream: StreamId, job: super::HostJob) -> BResult<()> {
+        self.enqueue(stream, Op::Run(job)).map(|_| ())
+    }
+
     fn read_device(&self, src: u64, dst: &mut [u8]) -> BResult<()> {
         check(&self.arena, src, dst.len() as u64)?;
         // SAFETY: the source range lies inside one live allocation (checked above); `dst` is a distinct Rust buffer.
