@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env
-cargo build --release --workspace --bins --examples
+cargo build --release --workspace --lib --bins --examples
 cargo test --release --test gpu_backend --no-run 2>&1 | tail -n 3
 rm -rf .gpu && mkdir -p .gpu
 cp target/release/devproxy target/release/libdevproxy_interpose.so .gpu/

@@ -726,7 +726,7 @@ fn fault_is_illegal_address() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let code = text
         .lines()
-        .find_map(|l| l.trim().strip_prefix("FAULT_RESULT "))
+        .find_map(|l| l.split("FAULT_RESULT ").nth(1))
         .unwrap_or_else(|| panic!("child printed no result:\n{text}"));
     assert_eq!(
         code.trim(),

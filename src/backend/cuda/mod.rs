@@ -27,10 +27,10 @@
 //! download is enqueued and its stream synchronized. Bulk `read_device`/`write_device` pipeline through four lanes of
 //! page-locked bounce buffers.
 //!
-//! **Modules** are cached by a 128-bit keyed hash of the image (two independently, randomly keyed SipHashes): a
-//! second load of the same image, by any session, returns the same [`ModuleId`] with a reference count; the driver
-//! module is unloaded when the last reference goes. Consequence: module-scope variables (`__device__` globals) of
-//! an image are *shared* by all sessions that loaded it — different from CUDA, where each process has its own. The
+//! **Modules** are cached by a 128-bit keyed hash of the image and the session's context (two independently,
+//! randomly keyed SipHashes): a second load of the same image by the same session returns the same [`ModuleId`] with
+//! a reference count; the driver module is unloaded when the last reference goes. Sessions never share a module, so
+//! module-scope variables (`__device__` globals) stay per process, as on CUDA. The
 //! driver has no API to enumerate a module's globals, so [`Backend::module_globals`] lists the globals the server
 //! asked for through `module_global` (which is what the client can have addressed); they live outside the arena, so
 //! a checkpoint saves their bytes and restore writes them back after reloading the module.
@@ -1023,7 +1023,8 @@ impl Backend for CudaBackend {
         if image.is_empty() {
             return Err(CuError::INVALID_IMAGE);
         }
-        let key = self.image_key(image);
+        // Per context (= per session): sessions must not share module-scope variables, as processes do not on CUDA.
+        let key = self.image_key(image) ^ (self.hash_keys.0.hash_one(ctx.0) as u128);
         let mut mods = self.modules.lock();
         if let Some(&id) = mods.by_key.get(&key) {
             mods.by_id.get_mut(&id).expect("module").refs += 1;
