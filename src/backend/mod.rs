@@ -215,19 +215,13 @@ impl std::str::FromStr for BackendKind {
 }
 
 /// Options for creating a backend.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct BackendOptions {
     pub device: u32,
     /// Arena size in bytes; 0 = the backend's default (the device's memory size).
     pub arena_bytes: u64,
     /// Host threads the emulated device runs kernels on; 0 = available parallelism.
     pub threads: usize,
-}
-
-impl Default for BackendOptions {
-    fn default() -> Self {
-        BackendOptions { device: 0, arena_bytes: 0, threads: 0 }
-    }
 }
 
 /// The fixed base of the device arena, the same in every server process so pointers survive restore
