@@ -16,6 +16,7 @@
 
 pub mod imp;
 pub mod log;
+pub mod nccl;
 pub mod params;
 pub mod state;
 pub mod table;

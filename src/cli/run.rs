@@ -42,11 +42,11 @@ pub fn find_shim() -> Result<PathBuf, String> {
     ))
 }
 
-/// Creates the shim directory (libcuda.so, libcuda.so.1 -> shim) under `parent`.
+/// Creates the shim directory (libcuda.so, libcuda.so.1, and libnccl.so(.2) for NCCL -> shim) under `parent`.
 pub fn make_shim_dir(shim: &Path, parent: &Path) -> Result<PathBuf, String> {
     let dir = parent.join(format!("shim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for name in ["libcuda.so", "libcuda.so.1"] {
+    for name in ["libcuda.so", "libcuda.so.1", "libnccl.so", "libnccl.so.2"] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(shim, &link).map_err(|e| format!("{}: {e}", link.display()))?;

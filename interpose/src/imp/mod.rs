@@ -16,6 +16,7 @@ pub mod init;
 pub mod launch;
 pub mod memory;
 pub mod module;
+pub mod nccl;
 pub mod stream;
 
 pub use context::*;
