@@ -39,6 +39,28 @@ impl BlobSink for Vec<u8> {
     }
 }
 
+/// Asks for transparent huge pages behind a large buffer: first-touch page faults, not copies, dominate filling fresh
+/// memory (about 1 GB/s with 4 KiB pages in a VM, several times that with 2 MiB pages).
+pub fn advise_huge(buf: &mut Vec<u8>) {
+    const HUGE: usize = 2 << 20;
+    let start = buf.as_mut_ptr() as usize;
+    let lo = start.div_ceil(HUGE) * HUGE;
+    let hi = (start + buf.capacity()) & !(HUGE - 1);
+    if hi > lo {
+        // SAFETY: [lo, hi) lies inside the Vec's allocation; MADV_HUGEPAGE only changes how the kernel backs it, never
+        // its contents, and failure is harmless.
+        unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+    }
+}
+
+/// A zeroed pipeline buffer.
+fn buffer(cap: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(cap);
+    advise_huge(&mut v);
+    v.resize(cap, 0);
+    v
+}
+
 /// Fills `dst` with the bytes of region `index` starting `offset` bytes into it.
 pub type Fill<'a> = dyn FnMut(usize, &Region, u64, &mut [u8]) -> Result<(), CheckpointError> + 'a;
 /// Takes `src`, the bytes of region `index` starting `offset` bytes into it.
@@ -57,7 +79,7 @@ pub fn produce_blob(
     let (full_tx, full_rx) = crossbeam::channel::bounded::<(Vec<u8>, usize)>(BUFFERS);
     let (free_tx, free_rx) = crossbeam::channel::bounded::<Vec<u8>>(BUFFERS);
     for _ in 0..BUFFERS.min(total.div_ceil(cap as u64).max(1) as usize) {
-        free_tx.send(vec![0u8; cap]).expect("fresh channel");
+        free_tx.send(buffer(cap)).expect("fresh channel");
     }
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> io::Result<u32> {
@@ -132,7 +154,7 @@ pub fn consume_blob(
     let (full_tx, full_rx) = crossbeam::channel::bounded::<(Vec<u8>, usize)>(BUFFERS);
     let (free_tx, free_rx) = crossbeam::channel::bounded::<Vec<u8>>(BUFFERS);
     for _ in 0..BUFFERS.min(total.div_ceil(cap as u64).max(1) as usize) {
-        free_tx.send(vec![0u8; cap]).expect("fresh channel");
+        free_tx.send(buffer(cap)).expect("fresh channel");
     }
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || -> io::Result<u32> {

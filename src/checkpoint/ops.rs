@@ -189,6 +189,29 @@ fn filler<'a>(
     }
 }
 
+/// Writes a capture to `DIR/image.devproxy` (see [`image::write_image`]).
+pub fn write_captured(
+    backend: &Arc<dyn Backend>,
+    cap: &Captured,
+    dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<image::Written, CheckpointError> {
+    let mut fill = filler(backend, cap);
+    image::write_image(dir, &cap.manifest, &mut fill, progress)
+}
+
+/// Copies a capture's blob into host memory; returns it with its CRC.
+pub fn blob_to_memory(
+    backend: &Arc<dyn Backend>,
+    cap: &Captured,
+) -> Result<(Vec<u8>, u32), CheckpointError> {
+    let mut blob = Vec::with_capacity(cap.manifest.blob_len() as usize);
+    image::advise_huge(&mut blob);
+    let mut fill = filler(backend, cap);
+    let crc = produce_blob(&cap.manifest.regions, &mut fill, &mut blob, &mut |_, _| {})?;
+    Ok((blob, crc))
+}
+
 fn suspended() -> &'static Mutex<HashMap<(usize, u64), Suspended>> {
     static S: OnceLock<Mutex<HashMap<(usize, u64), Suspended>>> = OnceLock::new();
     S.get_or_init(|| Mutex::new(HashMap::new()))
@@ -260,8 +283,7 @@ fn checkpoint(
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
     let (cap, barrier_at) = barrier_and_capture(server, &sh)?;
-    let mut fill = filler(&server.backend, &cap);
-    let r = image::write_image(out, &cap.manifest, &mut fill, &mut progress_to(send));
+    let r = write_captured(&server.backend, &cap, out, &mut progress_to(send));
     let keep_paused = was_paused || (stop && r.is_ok());
     if !keep_paused {
         wait_paused(&sh);
@@ -741,11 +763,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
     let r = sh.run_job(move |st, seg| {
         let r = (|| {
             let cap = capture(st, seg, who, device)?;
-            let mut blob = Vec::with_capacity(cap.manifest.blob_len() as usize);
-            let crc = {
-                let mut fill = filler(&backend, &cap);
-                produce_blob(&cap.manifest.regions, &mut fill, &mut blob, &mut |_, _| {})?
-            };
+            let (blob, crc) = blob_to_memory(&backend, &cap)?;
             // Device memory, modules, streams and events go; host registrations too (resume redoes them).
             st.teardown();
             sh2.device_bytes.store(0, Ordering::Relaxed);

@@ -26,7 +26,8 @@ pub enum ControlRequest {
     Migrate { pid: u32, to: String },
     /// Move device memory to host memory and free the device; `Resume` brings it back.
     Suspend { pid: u32 },
-    /// Receive a session image (incoming migration): the image bytes follow in the message.
+    /// Receive a session image (incoming migration): `image` is the image header; the manifest, the blob and the
+    /// blob CRC follow as raw frames (docs/image-format.md, "Migration stream").
     Adopt { image: Vec<u8> },
     /// End the server (sessions are told it is closing).
     Shutdown,
