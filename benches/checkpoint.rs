@@ -88,7 +88,7 @@ fn main() {
             continue;
         }
         let mut st = SessionState::new(backend.clone()).expect("context");
-        let fill: Vec<u8> = (0..ALLOC).map(|i| (i * 2654435761 >> 13) as u8).collect();
+        let fill: Vec<u8> = (0..ALLOC).map(|i| ((i * 2654435761) >> 13) as u8).collect();
         let mut left = bytes;
         while left > 0 {
             let n = left.min(ALLOC);

@@ -212,6 +212,34 @@ pub fn blob_to_memory(
     Ok((blob, crc))
 }
 
+/// Sessions with a state-moving operation in progress: a second one waits for none, it is refused.
+fn busy() -> &'static Mutex<std::collections::HashSet<(usize, u64)>> {
+    static B: OnceLock<Mutex<std::collections::HashSet<(usize, u64)>>> = OnceLock::new();
+    B.get_or_init(Default::default)
+}
+
+/// Marks a session busy for the life of the guard.
+struct Busy((usize, u64));
+
+impl Busy {
+    fn take(server: &Arc<Server>, sh: &SessionShared) -> Result<Busy, String> {
+        let k = key(server, sh.id);
+        if !busy().lock().insert(k) {
+            return Err(format!(
+                "another checkpoint, migration, suspend or resume of pid {} is in progress; try again when it ends",
+                sh.pid
+            ));
+        }
+        Ok(Busy(k))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        busy().lock().remove(&self.0);
+    }
+}
+
 fn suspended() -> &'static Mutex<HashMap<(usize, u64), Suspended>> {
     static S: OnceLock<Mutex<HashMap<(usize, u64), Suspended>>> = OnceLock::new();
     S.get_or_init(|| Mutex::new(HashMap::new()))
@@ -280,6 +308,7 @@ fn checkpoint(
     send: Reply<'_>,
 ) -> Result<(), String> {
     let sh = find_session(server, pid)?;
+    let _busy = Busy::take(server, &sh)?;
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
     let (cap, barrier_at) = barrier_and_capture(server, &sh)?;
@@ -567,7 +596,14 @@ fn stream_to(
         0,
     );
     header.flags |= FLAG_TRAILING_BLOB_CRC;
-    let io = |e: std::io::Error| format!("sending to the target: {e}");
+    // If the target stopped reading, it has usually said why.
+    let io = |e: std::io::Error| {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        match recv_reply(conn) {
+            Ok(ControlReply::Err(why)) => format!("the target refused the session: {why}"),
+            _ => format!("sending to the target: {e}"),
+        }
+    };
     socket::send_msg(
         conn,
         &protocol::encode(&ControlRequest::Adopt {
@@ -613,6 +649,7 @@ fn stream_to(
 
 fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result<(), String> {
     let sh = find_session(server, pid)?;
+    let _busy = Busy::take(server, &sh)?;
     if to == server.opts.socket {
         return Err(format!("pid {pid} already lives at {}", to.display()));
     }
@@ -752,6 +789,7 @@ fn adopt(
 
 fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String> {
     let sh = find_session(server, pid)?;
+    let _busy = Busy::take(server, &sh)?;
     if suspended().lock().contains_key(&key(server, sh.id)) {
         return send(&ControlReply::Ok(format!("pid {pid} is already suspended")));
     }
@@ -826,6 +864,7 @@ fn register_host(st: &mut SessionState, seg: &Segment) {
 
 fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String> {
     let sh = find_session(server, pid)?;
+    let _busy = Busy::take(server, &sh)?;
     let held = suspended().lock().remove(&key(server, sh.id));
     let Some(s) = held else {
         if sh.phase() != Phase::Paused {
