@@ -11,6 +11,9 @@
 //! wait for it), `--steps N` (60), `--batch B` (per rank, 32, at most 256), `--lr X` (0.05), `--step-delay-ms N`,
 //! `--cpu`. Prints `step N` lines as it goes and `checksum 0x...` of the final weights.
 
+// `x = x + y` on purpose: each is one IEEE-rounded operation, written as the kernels write it.
+#![allow(clippy::assign_op_pattern)]
+
 #[path = "common/mod.rs"]
 mod common;
 
@@ -275,7 +278,7 @@ fn device_train(cfg: &Config, d: &Data, id_file: &Path) -> Result<Vec<f32>, Stri
     };
     for step in 0..cfg.steps {
         let off = offset(cfg, step, cfg.rank) as u32;
-        // SAFETY (all launches): argument lists match the kernels' signatures above and every buffer has the size
+        // SAFETY: (all launches) argument lists match the kernels' signatures above and every buffer has the size
         // the kernels index (B*H, B, NP, N*D, N floats).
         unsafe {
             let mut l = stream.launch_builder(&k_hidden);

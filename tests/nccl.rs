@@ -123,3 +123,105 @@ fn ddp_four_ranks_across_two_servers_matches_the_reference() {
         "the rank count must change the result, or the test proves nothing"
     );
 }
+
+/// Waits until both servers report `n` ranks of one job; returns the job id.
+fn job_on(servers: &[std::path::PathBuf], n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = devproxy::nccl::job::status(servers);
+        if rows.len() == n && rows.iter().all(|(_, r)| r.collectives > 0) {
+            return rows[0].1.job.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ranks never showed up in the job status: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn job_checkpoint_stops_all_ranks_before_one_collective_and_they_continue_identically() {
+    let want = reference(2);
+    let mut sb = Sandbox::new();
+    let servers = vec![sb.serve("a", &[]), sb.serve("b", &[])];
+    let kids = (0..2)
+        .map(|r| spawn_rank(&sb, Some(&servers[r]), 2, r, &["--step-delay-ms", "60"]))
+        .collect();
+    let job = job_on(&servers, 2);
+    let ps = sb
+        .cmd()
+        .args(["ps", "--server"])
+        .arg(&servers[0])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout).to_string();
+    assert!(ps.contains("NCCL JOB") && ps.contains(&job), "{ps}");
+    let out = sb.path("job-img");
+    let o = sb
+        .cmd()
+        .args(["checkpoint", "--job", &job, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{msg}");
+    assert!(msg.contains("2 ranks stopped before collective #"), "{msg}");
+    let manifest = std::fs::read_to_string(out.join("job.manifest")).unwrap();
+    assert!(
+        manifest.contains("rank 0 ") && manifest.contains("rank 1 "),
+        "{manifest}"
+    );
+    assert!(
+        out.join("rank-0").join("image.devproxy").is_file()
+            && out.join("rank-1").join("image.devproxy").is_file()
+    );
+    for got in finish(kids, Duration::from_secs(40)) {
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn a_rank_that_dies_during_the_barrier_is_named_and_the_others_are_released() {
+    let mut sb = Sandbox::new();
+    let servers = vec![sb.serve("a", &[]), sb.serve("b", &[])];
+    // Rank 1 is slow (long steps), so the barrier is still waiting for it when it dies.
+    let mut kids: Vec<Child> = (0..2)
+        .map(|r| {
+            let delay = if r == 1 { "1500" } else { "0" };
+            spawn_rank(&sb, Some(&servers[r]), 2, r, &["--step-delay-ms", delay])
+        })
+        .collect();
+    let job = job_on(&servers, 2);
+    let rows = devproxy::nccl::job::status(&servers);
+    let pid1 = rows.iter().find(|(_, r)| r.rank == 1).unwrap().1.pid;
+    let ckpt = sb
+        .cmd()
+        .args(["checkpoint", "--job", &job, "--timeout", "4", "--out"])
+        .arg(sb.path("never"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the program we started (through devproxy run); no memory is involved.
+    unsafe { libc::kill(pid1 as i32, libc::SIGKILL) };
+    let o = ckpt.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{msg}");
+    assert!(
+        msg.contains("timed out") && msg.contains("did not arrive") && msg.contains('1'),
+        "{msg}"
+    );
+    // Rank 0 is not left stuck at the barrier: it runs into the dead peer and exits.
+    let mut k0 = kids.remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while k0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "rank 0 is still stuck");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for mut k in kids {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+}

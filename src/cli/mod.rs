@@ -56,8 +56,14 @@ pub enum Command {
     Checkpoint {
         #[arg(long)]
         server: Option<PathBuf>,
-        #[arg(long)]
-        pid: u32,
+        #[arg(long, required_unless_present = "job")]
+        pid: Option<u32>,
+        /// Checkpoint every rank of an NCCL job (see `devproxy ps`), stopped before the same collective.
+        #[arg(long, conflicts_with = "pid")]
+        job: Option<String>,
+        /// Seconds the job barrier waits for every rank.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
         #[arg(long)]
         out: PathBuf,
         /// Keep the process paused at the barrier afterwards (preemption).
@@ -173,19 +179,29 @@ pub fn main(cli: Cli) -> i32 {
         Command::Checkpoint {
             server,
             pid,
+            job,
+            timeout,
             out,
             stop,
         } => {
             let out = absolute(out);
-            state_cmd(
-                server,
-                pid,
-                ControlRequest::Checkpoint {
+            match (job, pid) {
+                (Some(job), _) => {
+                    let servers = server.map_or_else(control::discover, |s| vec![s]);
+                    let d = std::time::Duration::from_secs(timeout);
+                    crate::nccl::job::checkpoint(&servers, &job, &out, stop, d).map(|m| println!("{m}"))
+                }
+                (None, Some(pid)) => state_cmd(
+                    server,
                     pid,
-                    out: out.display().to_string(),
-                    stop,
-                },
-            )
+                    ControlRequest::Checkpoint {
+                        pid,
+                        out: out.display().to_string(),
+                        stop,
+                    },
+                ),
+                (None, None) => Err("--pid or --job is required".into()),
+            }
         }
         Command::Migrate { server, pid, to } => state_cmd(
             server,
@@ -305,6 +321,15 @@ fn ps(server: Option<PathBuf>) -> Result<(), String> {
             }
             ControlReply::Err(e) => return Err(e),
             other => return Err(format!("unexpected answer {other:?}")),
+        }
+        let jobs = crate::nccl::job::status(std::slice::from_ref(&s));
+        if !jobs.is_empty() {
+            println!("  {:<28} {:>9} {:>8} {:>7} {:>12}  STATE", "NCCL JOB", "RANK", "PID", "SESSION", "COLLECTIVES");
+            for (_, j) in jobs {
+                let rank = format!("{}/{}", j.rank, j.nranks);
+                let state = if j.held { "held at barrier" } else { "running" };
+                println!("  {:<28} {rank:>9} {:>8} {:>7} {:>12}  {state}", j.job, j.pid, j.session, j.collectives);
+            }
         }
     }
     Ok(())

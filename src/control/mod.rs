@@ -31,6 +31,8 @@ pub enum ControlRequest {
     Adopt { image: Vec<u8> },
     /// End the server (sessions are told it is closing).
     Shutdown,
+    /// NCCL jobs: status and the job-wide barrier (`crate::nccl::barrier`).
+    Job(crate::nccl::barrier::JobRequest),
 }
 
 /// One row of `devproxy ps`.
@@ -116,6 +118,8 @@ pub enum ControlReply {
     Done(Summary),
     Ok(String),
     Err(String),
+    /// The answer to a [`ControlRequest::Job`].
+    Job(crate::nccl::barrier::JobReply),
 }
 
 /// Serves the control socket until the server shuts down.
@@ -198,6 +202,7 @@ fn handle(server: &Arc<Server>, conn: &UnixStream) -> Result<(), String> {
             let _ = UnixStream::connect(&server.opts.socket);
             Ok(())
         }
+        ControlRequest::Job(j) => send(conn, &ControlReply::Job(crate::nccl::barrier::control(server, j))),
         other => crate::checkpoint::control(server, conn, other, &|r| send(conn, r)),
     }
 }

@@ -241,11 +241,8 @@ impl Hub {
             }
             _ => return,
         };
-        loop {
-            match read_msg::<ToHub>(&mut conn) {
-                Ok(Some(msg)) => self.handle(rank, msg),
-                Ok(None) | Err(_) => break,
-            }
+        while let Ok(Some(msg)) = read_msg::<ToHub>(&mut conn) {
+            self.handle(rank, msg);
         }
         self.rank_gone(rank);
         if self.finished() {

@@ -18,7 +18,9 @@
 //! - **Failure**: a rank whose connection closes (its server died, the process went away) fails every collective
 //!   still waiting on it, with a message naming the rank; the communicator's async error turns `ncclRemoteError`.
 
+pub mod barrier;
 pub mod hub;
+pub mod job;
 pub mod rank;
 pub mod reduce;
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub struct RankComm {
     pub id: UniqueId,
     pub rank: i32,
     pub nranks: i32,
-    /// The session that owns the communicator (for `devproxy ps`).
+    /// The owning session's segment address: identifies its session to the control socket (`devproxy ps`).
     pub session: u64,
     writer: Mutex<UnixStream>,
     conn: Arc<Conn>,
@@ -46,6 +46,9 @@ pub struct RankComm {
     p2p: Mutex<HashMap<(bool, i32), u64>>,
     /// The first failure of an operation (ncclCommGetAsyncError).
     async_error: Mutex<Option<String>>,
+    /// The job barrier's hold on this rank, if armed (see [`super::barrier`]).
+    pub hold: Mutex<Option<super::barrier::Hold>>,
+    pub hold_cv: parking_lot::Condvar,
 }
 
 impl std::fmt::Debug for RankComm {
@@ -69,8 +72,9 @@ impl Drop for RankComm {
 static REGISTRY: LazyLock<Mutex<Vec<Weak<RankComm>>>> = LazyLock::new(|| Mutex::new(Vec::new()));
 
 /// One rank of a job, as `devproxy ps` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct JobRank {
+    pub comm: Arc<RankComm>,
     pub job: String,
     pub rank: i32,
     pub nranks: i32,
@@ -86,6 +90,7 @@ pub fn jobs() -> Vec<JobRank> {
         .iter()
         .filter_map(Weak::upgrade)
         .map(|c| JobRank {
+            comm: c.clone(),
             job: c.id.job(),
             rank: c.rank,
             nranks: c.nranks,
@@ -158,6 +163,8 @@ impl RankComm {
             issued: AtomicU64::new(0),
             p2p: Mutex::new(HashMap::new()),
             async_error: Mutex::new(None),
+            hold: Mutex::new(None),
+            hold_cv: parking_lot::Condvar::new(),
         });
         REGISTRY.lock().push(Arc::downgrade(&comm));
         Ok(comm)

@@ -340,7 +340,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 tracing::warn!("ncclCommInitRank: the unique id was not made by devproxy's ncclGetUniqueId");
                 CuError::INVALID_VALUE
             })?;
-            nccl_join(s, id, rank, nranks)?
+            nccl_join(s, seg, id, rank, nranks)?
         }
         Request::NcclCommSplit { comm, color, key } => {
             let c = nccl_comm(s, comm)?;
@@ -348,7 +348,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 tracing::warn!("ncclCommSplit: {e}");
                 CuError::UNKNOWN
             })? {
-                Some((id, rank, nranks)) => nccl_join(s, id, rank, nranks)?,
+                Some((id, rank, nranks)) => nccl_join(s, seg, id, rank, nranks)?,
                 None => Reply::NcclComm { comm: crate::protocol::Handle::NULL, rank: -1, nranks: 0 },
             }
         }
@@ -360,6 +360,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             Reply::Int(if nccl_comm(s, comm)?.async_error().is_some() { 6 } else { 0 })
         }
         Request::NcclGroup { ops } => {
+            crate::nccl::barrier::before_group(s, seg, &ops);
             let mut items = Vec::with_capacity(ops.len());
             for op in ops {
                 let comm = nccl_comm(s, op.comm)?;
@@ -397,8 +398,8 @@ fn nccl_comm(s: &SessionState, h: crate::protocol::Handle) -> Result<std::sync::
     s.nccl.get(&h).cloned().ok_or(CuError::INVALID_HANDLE)
 }
 
-fn nccl_join(s: &mut SessionState, id: crate::nccl::UniqueId, rank: i32, nranks: i32) -> Result<Reply, CuError> {
-    let comm = crate::nccl::RankComm::join(id, rank, nranks, s.ctx.0).map_err(|e| {
+fn nccl_join(s: &mut SessionState, seg: &Segment, id: crate::nccl::UniqueId, rank: i32, nranks: i32) -> Result<Reply, CuError> {
+    let comm = crate::nccl::RankComm::join(id, rank, nranks, seg as *const Segment as u64).map_err(|e| {
         tracing::warn!("ncclCommInitRank: {e}");
         CuError::INVALID_VALUE
     })?;
