@@ -10,6 +10,9 @@
 //! Options: `--steps N` (default 200), `--log-every N` (20), `--batch B` (256, at most 256), `--lr X` (0.05),
 //! `--step-delay-ms N` (sleep between steps, for tests that act mid-run), `--cpu`.
 
+// The CPU reference mirrors the kernels statement for statement (`z = z + x * w`), which is the point.
+#![allow(clippy::assign_op_pattern)]
+
 #[path = "common/mod.rs"]
 mod common;
 
