@@ -11,7 +11,7 @@
 //! `--step-delay-ms N` (sleep between steps, for tests that act mid-run), `--cpu`.
 
 // The CPU reference mirrors the kernels statement for statement (`z = z + x * w`), which is the point.
-#![allow(clippy::assign_op_pattern)]
+#![allow(clippy::assign_op_pattern, clippy::needless_range_loop)]
 
 #[path = "common/mod.rs"]
 mod common;
@@ -246,7 +246,7 @@ fn device_train(
     };
     for step in 0..cfg.steps {
         let off = ((step * b_n) % N) as u32;
-        // SAFETY (all launches): argument lists match the kernels' signatures above and every buffer has the size
+        // SAFETY: (all launches) argument lists match the kernels' signatures above and every buffer has the size
         // the kernels index (B*H, B, NP, N*D, N floats).
         unsafe {
             let mut l = stream.launch_builder(&k_hidden);
