@@ -15,6 +15,7 @@
 //! The shim never loads the real libcuda: it uses cudarc only for its type definitions, never its functions.
 
 pub mod imp;
+pub mod legacy;
 pub mod log;
 pub mod nccl;
 pub mod params;

@@ -4,18 +4,20 @@
 //! CUDA keeps old ABIs of a function under the plain name and gives each changed ABI a suffix (`_v2`, `_v3`, ...);
 //! callers such as cudart ask for the plain name plus the CUDA version whose ABI they were compiled against
 //! (`cudaVersion`, e.g. 12000), and the driver answers with the newest variant introduced at or before that version.
-//! We do the same over our table:
+//! We do the same over our exports (the generated table plus `crate::legacy`, which keeps the old ABIs and the
+//! names cudarc's CUDA 13 bindings dropped):
 //! 1. a name that already carries a suffix (`cuCtxGetDevice_v2`) and is exported is returned as is;
-//! 2. otherwise the variants `NAME_v9` .. `NAME_v2` that we export are tried from the highest down, and the first
-//!    whose introduction version (see [`INTRODUCED`]; unlisted suffixes date from CUDA 3.2–11.x, older than any
-//!    caller of cuGetProcAddress, and count as always available) is <= `cudaVersion` wins;
-//! 3. else the plain name itself, if exported;
-//! 4. else `CUDA_ERROR_NOT_FOUND`, `*pfn = NULL`, `symbolStatus = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND` (or
+//! 2. otherwise, among the plain name (introduced "at 0") and the exported variants `NAME_v2` .. `NAME_v9` (each
+//!    introduced at the version listed in [`INTRODUCED`]; unlisted ones date from CUDA 3.2 and count as 3020), the
+//!    one with the highest introduction version <= `cudaVersion` wins; e.g. `cuMemAlloc`@3020 is `cuMemAlloc_v2`,
+//!    `cuStreamGetCaptureInfo`@10010 the 3-argument plain ABI, @11030 `_v2`, @12030 `_v3`;
+//! 3. else `CUDA_ERROR_NOT_FOUND`, `*pfn = NULL`, `symbolStatus = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND` (or
 //!    `VERSION_NOT_SUFFICIENT` when only a variant newer than `cudaVersion` exists).
 //!
-//! `flags` may ask for the per-thread-default-stream variants (`_ptsz`/`_ptds`); devproxy maps CU_STREAM_PER_THREAD
-//! to the session's default stream, so the ordinary variant is returned for every flag value, and a name asked for
-//! with an explicit `_ptsz`/`_ptds` suffix resolves like the name without it.
+//! `flags` may ask for the per-thread-default-stream variants (`_ptsz`/`_ptds`, flags = 2). devproxy maps
+//! CU_STREAM_PER_THREAD and the NULL stream to the session's default stream (which synchronizes like the legacy
+//! stream: correct, but without per-thread concurrency), so the ordinary variant is returned for every flag value,
+//! and a name asked for with an explicit `_ptsz`/`_ptds` suffix resolves like the name without it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
@@ -27,12 +29,56 @@ use super::{put, ret};
 use crate::log;
 use crate::table;
 
-/// Suffixed variants whose plain name is also exported with another ABI: (variant, CUDA version that introduced it).
+/// When each suffixed ABI variant appeared (cuda.h / cudaTypedefs.h `PFN_*_vNNNNN`). Variants not listed date from
+/// CUDA 3.2 (the 64-bit device pointer change: cuMemAlloc_v2, cuMemcpyHtoD_v2, ...).
 pub const INTRODUCED: &[(&str, i32)] = &[
+    ("cuCtxCreate_v3", 11040),
+    ("cuCtxCreate_v4", 12050),
+    ("cuCtxDestroy_v2", 4000),
     ("cuCtxGetDevice_v2", 13000),
+    ("cuCtxPopCurrent_v2", 4000),
+    ("cuCtxPushCurrent_v2", 4000),
     ("cuCtxSynchronize_v2", 13000),
+    ("cuDeviceGetUuid_v2", 11040),
+    ("cuDevicePrimaryCtxRelease_v2", 11000),
+    ("cuDevicePrimaryCtxReset_v2", 11000),
+    ("cuDevicePrimaryCtxSetFlags_v2", 11000),
+    ("cuEventDestroy_v2", 4000),
+    ("cuEventElapsedTime_v2", 12080),
     ("cuGetProcAddress_v2", 12000),
+    ("cuGraphAddDependencies_v2", 12030),
+    ("cuGraphAddKernelNode_v2", 12000),
+    ("cuGraphAddNode_v2", 12030),
+    ("cuGraphExecKernelNodeSetParams_v2", 12000),
+    ("cuGraphExecUpdate_v2", 12000),
+    ("cuGraphGetEdges_v2", 12030),
+    ("cuGraphInstantiate_v2", 11000),
+    ("cuGraphKernelNodeGetParams_v2", 12000),
+    ("cuGraphKernelNodeSetParams_v2", 12000),
+    ("cuGraphNodeGetDependencies_v2", 12030),
+    ("cuGraphNodeGetDependentNodes_v2", 12030),
+    ("cuGraphRemoveDependencies_v2", 12030),
+    ("cuGraphicsResourceSetMapFlags_v2", 6050),
+    ("cuIpcOpenMemHandle_v2", 11000),
+    ("cuLinkAddData_v2", 6050),
+    ("cuLinkAddFile_v2", 6050),
+    ("cuLinkCreate_v2", 6050),
+    ("cuMemAdvise_v2", 12020),
+    ("cuMemHostRegister_v2", 6050),
+    ("cuMemPrefetchAsync_v2", 12020),
+    ("cuMemcpy3DBatchAsync_v2", 13000),
+    ("cuMemcpyBatchAsync_v2", 13000),
+    ("cuStreamBatchMemOp_v2", 11070),
+    ("cuStreamBeginCapture_v2", 10010),
+    ("cuStreamDestroy_v2", 4000),
+    ("cuStreamGetCaptureInfo_v2", 11030),
+    ("cuStreamGetCaptureInfo_v3", 12030),
     ("cuStreamGetCtx_v2", 12050),
+    ("cuStreamUpdateCaptureDependencies_v2", 12030),
+    ("cuStreamWaitValue32_v2", 11070),
+    ("cuStreamWaitValue64_v2", 11070),
+    ("cuStreamWriteValue32_v2", 11070),
+    ("cuStreamWriteValue64_v2", 11070),
 ];
 
 /// Outcome of a lookup.
@@ -47,7 +93,7 @@ fn introduced(name: &str) -> i32 {
     INTRODUCED
         .iter()
         .find(|(n, _)| *n == name)
-        .map_or(0, |(_, v)| *v)
+        .map_or(3020, |(_, v)| *v)
 }
 
 /// Splits `cuFoo_v3` into (`cuFoo`, 3).
@@ -66,25 +112,29 @@ pub fn resolve(name: &str, cuda_version: i32) -> Resolved {
         return resolve(base, cuda_version);
     }
     if split_version(name).is_some() {
-        return table::find(name.as_bytes()).map_or(Resolved::NotFound, Resolved::Found);
+        return crate::legacy::find_any(name.as_bytes()).map_or(Resolved::NotFound, Resolved::Found);
     }
     let mut too_new = false;
+    let mut best: Option<(i32, &'static table::Entry)> =
+        crate::legacy::find_any(name.as_bytes()).map(|e| (0, e));
     let mut buf = [0u8; 128];
     if name.len() + 3 <= buf.len() {
-        for v in (2..=9u8).rev() {
+        for v in 2..=9u8 {
             let n = name.len();
             buf[..n].copy_from_slice(name.as_bytes());
             buf[n..n + 3].copy_from_slice(&[b'_', b'v', b'0' + v]);
-            if let Some(e) = table::find(&buf[..n + 3]) {
-                if introduced(e.name) <= cuda_version {
-                    return Resolved::Found(e);
+            if let Some(e) = crate::legacy::find_any(&buf[..n + 3]) {
+                let intro = introduced(e.name);
+                if intro > cuda_version {
+                    too_new = true;
+                } else if best.is_none_or(|(b, _)| intro >= b) {
+                    best = Some((intro, e));
                 }
-                too_new = true;
             }
         }
     }
-    match table::find(name.as_bytes()) {
-        Some(e) => Resolved::Found(e),
+    match best {
+        Some((_, e)) => Resolved::Found(e),
         None if too_new => Resolved::VersionNotSufficient,
         None => Resolved::NotFound,
     }
@@ -257,5 +307,99 @@ mod tests {
             pfn as *const c_void,
             table::find(b"cuMemAlloc_v2").unwrap().func.0
         );
+    }
+}
+
+/// The proc-address requests cudart and the NVIDIA libraries made while PyTorch 2.11 (cu130) trained an MLP
+/// (data/cugetprocaddress_requests_torch_mlp.txt, copied into interpose/tests/data).
+#[cfg(test)]
+mod torch_requests {
+    use super::*;
+
+    const REQUESTS: &str = include_str!("../../tests/data/cugetprocaddress_requests_torch_mlp.txt");
+
+    fn requests() -> Vec<(&'static str, i32, u64)> {
+        REQUESTS
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[0], f[1].parse().unwrap(), f[2].parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_request_resolves_to_an_export() {
+        let reqs = requests();
+        assert!(reqs.len() > 1300, "data file truncated?");
+        let (mut implemented, mut stubs) = (0, 0);
+        let mut missing = Vec::new();
+        let mut stub_names = std::collections::BTreeSet::new();
+        for &(name, version, flags) in &reqs {
+            let c = std::ffi::CString::new(name).unwrap();
+            let mut pfn: *mut c_void = std::ptr::null_mut();
+            let mut st = CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+            // SAFETY: valid C string and out-pointers.
+            let r = unsafe { cuGetProcAddress_v2(c.as_ptr(), &mut pfn, version, flags, &mut st) };
+            if r != CUresult::CUDA_SUCCESS || pfn.is_null() {
+                missing.push(format!("{name}@{version}/{flags}"));
+                continue;
+            }
+            let Resolved::Found(e) = resolve(name, version) else { unreachable!() };
+            assert_eq!(e.func.0, pfn as *const c_void);
+            if e.implemented {
+                implemented += 1;
+            } else {
+                stubs += 1;
+                stub_names.insert(e.name);
+            }
+        }
+        println!(
+            "{} requests: {implemented} resolve to implemented functions, {stubs} to NOT_SUPPORTED stubs ({} distinct \
+             stub names)",
+            reqs.len(),
+            stub_names.len()
+        );
+        assert!(missing.is_empty(), "unresolved requests: {missing:?}");
+    }
+
+    #[test]
+    fn requests_get_the_abi_of_their_version() {
+        let name = |n: &str, v: i32| match resolve(n, v) {
+            Resolved::Found(e) => e.name,
+            other => panic!("{n}@{v}: {other:?}"),
+        };
+        for (n, v, want) in [
+            ("cuMemAlloc", 3020, "cuMemAlloc_v2"),
+            ("cuCtxGetDevice", 2000, "cuCtxGetDevice"),
+            ("cuCtxGetDevice", 13000, "cuCtxGetDevice_v2"),
+            ("cuDeviceGetUuid", 9020, "cuDeviceGetUuid"),
+            ("cuDevicePrimaryCtxRelease", 7000, "cuDevicePrimaryCtxRelease"),
+            ("cuDevicePrimaryCtxSetFlags", 11000, "cuDevicePrimaryCtxSetFlags_v2"),
+            ("cuEventElapsedTime", 2000, "cuEventElapsedTime"),
+            ("cuEventElapsedTime", 12080, "cuEventElapsedTime_v2"),
+            ("cuStreamGetCaptureInfo", 10010, "cuStreamGetCaptureInfo"),
+            ("cuStreamGetCaptureInfo", 11030, "cuStreamGetCaptureInfo_v2"),
+            ("cuStreamGetCaptureInfo", 12030, "cuStreamGetCaptureInfo_v3"),
+            ("cuGraphInstantiate", 10000, "cuGraphInstantiate"),
+            ("cuGraphInstantiate", 11000, "cuGraphInstantiate_v2"),
+            ("cuGraphAddDependencies", 10000, "cuGraphAddDependencies"),
+            ("cuGraphAddDependencies", 12030, "cuGraphAddDependencies_v2"),
+            ("cuStreamBeginCapture", 10000, "cuStreamBeginCapture"),
+            ("cuStreamBeginCapture", 10010, "cuStreamBeginCapture_v2"),
+            ("cuLinkCreate", 5050, "cuLinkCreate"),
+            ("cuMemHostRegister", 6050, "cuMemHostRegister_v2"),
+            ("cuCtxPopCurrent", 4000, "cuCtxPopCurrent_v2"),
+            ("cuStreamDestroy", 4000, "cuStreamDestroy_v2"),
+            ("cuMemcpyBatchAsync", 12080, "cuMemcpyBatchAsync"),
+            ("cuMemcpyBatchAsync", 13000, "cuMemcpyBatchAsync_v2"),
+            ("cuStreamGetCtx", 9020, "cuStreamGetCtx"),
+            ("cuMemcpyHtoDAsync", 7000, "cuMemcpyHtoDAsync_v2"),
+        ] {
+            assert_eq!(name(n, v), want, "{n}@{v}");
+        }
+        assert_eq!(name("cuMemcpyHtoD_v2_ptds", 7000), "cuMemcpyHtoD_v2");
+        assert_eq!(resolve("cuMemAlloc", 2000), Resolved::VersionNotSufficient);
     }
 }

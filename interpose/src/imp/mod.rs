@@ -9,22 +9,26 @@
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 pub mod context;
+pub mod dark;
 pub mod device;
 pub mod error;
 pub mod event;
 pub mod init;
 pub mod launch;
+pub mod library;
 pub mod memory;
 pub mod module;
 pub mod nccl;
 pub mod stream;
 
 pub use context::*;
+pub use dark::cuGetExportTable;
 pub use device::*;
 pub use error::*;
 pub use event::*;
 pub use init::*;
 pub use launch::*;
+pub use library::*;
 pub use memory::*;
 pub use module::*;
 pub use stream::*;
