@@ -42,7 +42,8 @@ pub fn find_shim() -> Result<PathBuf, String> {
     ))
 }
 
-/// Creates the shim directory (libcuda.so, libcuda.so.1, and libnccl.so(.2) for NCCL -> shim) under `parent`.
+/// Creates the shim directory (libcuda.so, libcuda.so.1, and libnccl.so(.2) for NCCL -> shim; libnvidia-ml.so.1 ->
+/// the NVML stub when it was built) under `parent`.
 pub fn make_shim_dir(shim: &Path, parent: &Path) -> Result<PathBuf, String> {
     let dir = parent.join(format!("shim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -50,6 +51,13 @@ pub fn make_shim_dir(shim: &Path, parent: &Path) -> Result<PathBuf, String> {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(shim, &link).map_err(|e| format!("{}: {e}", link.display()))?;
+    }
+    // The NVML stub (crate nvml/), built next to the shim: torch and NCCL open libnvidia-ml.so.1 beside the driver.
+    let nvml = shim.with_file_name("libdevproxy_nvml.so");
+    if nvml.is_file() {
+        let link = dir.join("libnvidia-ml.so.1");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&nvml, &link).map_err(|e| format!("{}: {e}", link.display()))?;
     }
     Ok(dir)
 }
