@@ -8,7 +8,7 @@
 //! GPU-host figures (cuda backend, PCIe) come from gpu/check.sh, not from this program.
 
 use devproxy::backend::emulated::EmulatedBackend;
-use devproxy::backend::{Backend, BackendOptions};
+use devproxy::backend::{Backend, BackendKind, BackendOptions};
 use devproxy::checkpoint::image::LoadedImage;
 use devproxy::checkpoint::manifest::DeviceImage;
 use devproxy::checkpoint::ops::{self, ExpectedCrc, Identity};
@@ -49,7 +49,7 @@ fn main() {
         .unwrap_or(1);
     let avail = mem_available();
     println!(
-        "devproxy checkpoint benchmark: emulated device, {cores} cores, {:.1} GiB host memory available",
+        "devproxy checkpoint benchmark: {cores} cores, {:.1} GiB host memory available",
         avail as f64 / GIB as f64
     );
     println!("(GPU-host figures for the cuda backend come from gpu/check.sh)");
@@ -59,8 +59,16 @@ fn main() {
         arena_bytes: (max + 1) * GIB,
         threads: 0,
     };
-    let backend: Arc<dyn Backend> =
-        Arc::new(EmulatedBackend::new(&opts).expect("emulated backend"));
+    // DEVPROXY_BENCH_BACKEND=cuda measures the real device (gpu/check.sh or a GPU host); default: emulated.
+    let backend: Arc<dyn Backend> = match std::env::var("DEVPROXY_BENCH_BACKEND").as_deref() {
+        Ok("cuda") => devproxy::backend::create(BackendKind::Cuda, &opts).expect("cuda backend"),
+        _ => Arc::new(EmulatedBackend::new(&opts).expect("emulated backend")),
+    };
+    println!(
+        "backend: {} ({})",
+        backend.info().backend,
+        backend.info().name
+    );
     let seg = Segment::create(SegmentLayout {
         ring_bytes: 1 << 20,
         reply_bytes: 1 << 20,

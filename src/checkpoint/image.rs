@@ -9,6 +9,7 @@
 use super::format::{Header, FLAG_TRAILING_BLOB_CRC, IMAGE_FILE, MAX_HEADER_BYTES};
 use super::manifest::{Manifest, Region};
 use super::CheckpointError;
+use crate::backend::{Backend, HostSpan};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -61,6 +62,89 @@ fn buffer(cap: usize) -> Vec<u8> {
     v
 }
 
+/// The pipeline's buffers, page-locked with the backend when one is given, so device copies from and to them are DMA
+/// (the cuda backend's bulk path checks for that); unregistered before they are freed.
+struct Pool<'b> {
+    bufs: Vec<Vec<u8>>,
+    registered: Vec<HostSpan>,
+    backend: Option<&'b dyn Backend>,
+}
+
+impl<'b> Pool<'b> {
+    fn new(total: u64, backend: Option<&'b dyn Backend>) -> Pool<'b> {
+        let cap = CHUNK.min(total.max(1) as usize);
+        let n = BUFFERS.min(total.div_ceil(cap as u64).max(1) as usize);
+        let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| buffer(cap)).collect();
+        let mut registered = Vec::new();
+        if let Some(b) = backend {
+            for v in bufs.iter_mut() {
+                let span = HostSpan {
+                    ptr: v.as_mut_ptr(),
+                    len: v.len(),
+                };
+                if b.host_register(span).is_ok() {
+                    registered.push(span);
+                }
+            }
+        }
+        Pool {
+            bufs,
+            registered,
+            backend,
+        }
+    }
+
+    fn cap(&self) -> usize {
+        self.bufs[0].len()
+    }
+}
+
+impl Drop for Pool<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend {
+            for span in self.registered.drain(..) {
+                let _ = b.host_unregister(span);
+            }
+        }
+    }
+}
+
+/// CRC-32 of `buf`, computed on a few threads for large buffers and combined.
+fn crc_of(buf: &[u8]) -> crc32fast::Hasher {
+    const PIECE: usize = 4 << 20;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4);
+    if buf.len() < 2 * PIECE || threads < 2 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(buf);
+        return h;
+    }
+    let piece = buf.len().div_ceil(threads);
+    let parts: Vec<crc32fast::Hasher> = std::thread::scope(|s| {
+        let hs: Vec<_> = buf
+            .chunks(piece)
+            .map(|c| {
+                s.spawn(move || {
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(c);
+                    h
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("crc thread"))
+            .collect()
+    });
+    let mut it = parts.into_iter();
+    let mut h = it.next().expect("at least one piece");
+    for p in it {
+        h.combine(&p);
+    }
+    h
+}
+
 /// Fills `dst` with the bytes of region `index` starting `offset` bytes into it.
 pub type Fill<'a> = dyn FnMut(usize, &Region, u64, &mut [u8]) -> Result<(), CheckpointError> + 'a;
 /// Takes `src`, the bytes of region `index` starting `offset` bytes into it.
@@ -73,19 +157,21 @@ pub fn produce_blob(
     fill: &mut Fill<'_>,
     sink: &mut dyn BlobSink,
     progress: &mut dyn FnMut(u64, u64),
+    pin: Option<&dyn Backend>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
-    let cap = CHUNK.min(total.max(1) as usize);
-    let (full_tx, full_rx) = crossbeam::channel::bounded::<(Vec<u8>, usize)>(BUFFERS);
-    let (free_tx, free_rx) = crossbeam::channel::bounded::<Vec<u8>>(BUFFERS);
-    for _ in 0..BUFFERS.min(total.div_ceil(cap as u64).max(1) as usize) {
-        free_tx.send(buffer(cap)).expect("fresh channel");
+    let mut pool = Pool::new(total, pin);
+    let cap = pool.cap();
+    let (full_tx, full_rx) = crossbeam::channel::bounded::<(&mut [u8], usize)>(BUFFERS);
+    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(BUFFERS);
+    for b in pool.bufs.iter_mut() {
+        free_tx.send(b.as_mut_slice()).expect("fresh channel");
     }
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> io::Result<u32> {
             let mut crc = crc32fast::Hasher::new();
             for (buf, len) in full_rx.iter() {
-                crc.update(&buf[..len]);
+                crc.combine(&crc_of(&buf[..len]));
                 sink.put(&buf[..len])?;
                 // The producer may have stopped; a buffer nobody takes back is simply dropped.
                 let _ = free_tx.send(buf);
@@ -148,23 +234,25 @@ pub fn consume_blob(
     source: &mut (dyn Read + Send),
     apply: &mut Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
+    pin: Option<&dyn Backend>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
-    let cap = CHUNK.min(total.max(1) as usize);
-    let (full_tx, full_rx) = crossbeam::channel::bounded::<(Vec<u8>, usize)>(BUFFERS);
-    let (free_tx, free_rx) = crossbeam::channel::bounded::<Vec<u8>>(BUFFERS);
-    for _ in 0..BUFFERS.min(total.div_ceil(cap as u64).max(1) as usize) {
-        free_tx.send(buffer(cap)).expect("fresh channel");
+    let mut pool = Pool::new(total, pin);
+    let cap = pool.cap();
+    let (full_tx, full_rx) = crossbeam::channel::bounded::<(&mut [u8], usize)>(BUFFERS);
+    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(BUFFERS);
+    for b in pool.bufs.iter_mut() {
+        free_tx.send(b.as_mut_slice()).expect("fresh channel");
     }
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || -> io::Result<u32> {
             let mut crc = crc32fast::Hasher::new();
             let mut left = total;
             while left > 0 {
-                let Ok(mut buf) = free_rx.recv() else { break };
+                let Ok(buf) = free_rx.recv() else { break };
                 let n = (left as usize).min(cap);
                 source.read_exact(&mut buf[..n])?;
-                crc.update(&buf[..n]);
+                crc.combine(&crc_of(&buf[..n]));
                 left -= n as u64;
                 if full_tx.send((buf, n)).is_err() {
                     break;
@@ -230,12 +318,14 @@ pub struct Written {
 }
 
 /// Writes `manifest` and the blob `fill` produces to `DIR/image.devproxy`: under a temporary name, fsync'd, then
-/// renamed over the final name (an earlier image stays intact until the new one is complete and durable).
+/// renamed over the final name (an earlier image stays intact until the new one is complete and durable). `pin`: the
+/// backend the blob is read from, to page-lock the pipeline buffers with.
 pub fn write_image(
     dir: &Path,
     manifest: &Manifest,
     fill: &mut Fill<'_>,
     progress: &mut dyn FnMut(u64, u64),
+    pin: Option<&dyn Backend>,
 ) -> Result<Written, CheckpointError> {
     let io_err = |what: &'static str, p: &Path| {
         let p = p.display().to_string();
@@ -266,7 +356,7 @@ pub fn write_image(
         f.write_all(&head)
             .map_err(io_err("writing the manifest", &tmp))?;
         write_delay();
-        header.blob_crc = produce_blob(&manifest.regions, fill, &mut f, progress)?;
+        header.blob_crc = produce_blob(&manifest.regions, fill, &mut f, progress, pin)?;
         f.write_all_at(&header.encode(), 0)
             .map_err(io_err("writing the header", &tmp))?;
         f.sync_all().map_err(io_err("syncing the image", &tmp))?;
@@ -398,6 +488,7 @@ impl LoadedImage {
             &mut r,
             &mut |_, _, _, _| Ok(()),
             &mut |_, _| {},
+            None,
         )?;
         self.check_blob_crc(computed)
     }
@@ -412,5 +503,22 @@ impl LoadedImage {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parallel_crc_matches_a_sequential_one() {
+        let v: Vec<u8> = (0..(21u32 << 20) + 77)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        for len in [0, 5, 1 << 20, (9 << 20) + 3, v.len()] {
+            assert_eq!(
+                super::crc_of(&v[..len]).finalize(),
+                crc32fast::hash(&v[..len]),
+                "{len}"
+            );
+        }
     }
 }

@@ -197,7 +197,13 @@ pub fn write_captured(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<image::Written, CheckpointError> {
     let mut fill = filler(backend, cap);
-    image::write_image(dir, &cap.manifest, &mut fill, progress)
+    image::write_image(
+        dir,
+        &cap.manifest,
+        &mut fill,
+        progress,
+        Some(backend.as_ref()),
+    )
 }
 
 /// Copies a capture's blob into host memory; returns it with its CRC.
@@ -208,7 +214,13 @@ pub fn blob_to_memory(
     let mut blob = Vec::with_capacity(cap.manifest.blob_len() as usize);
     image::advise_huge(&mut blob);
     let mut fill = filler(backend, cap);
-    let crc = produce_blob(&cap.manifest.regions, &mut fill, &mut blob, &mut |_, _| {})?;
+    let crc = produce_blob(
+        &cap.manifest.regions,
+        &mut fill,
+        &mut blob,
+        &mut |_, _| {},
+        Some(backend.as_ref()),
+    )?;
     Ok((blob, crc))
 }
 
@@ -415,6 +427,7 @@ pub fn restore_state(
                 }),
             },
             progress,
+            Some(backend.as_ref()),
         )?;
         let stored = match expected {
             ExpectedCrc::Known(c) => c,
@@ -627,6 +640,7 @@ fn stream_to(
         &mut fill,
         &mut sink,
         &mut progress_to(send),
+        Some(backend.as_ref()),
     );
     let crc = match sent {
         Ok(c) => c,

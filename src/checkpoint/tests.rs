@@ -143,7 +143,14 @@ fn write(b: &Arc<dyn Backend>, cap: &Captured, dir: &std::path::Path) {
                 .map_err(|e| CheckpointError::Backend(e.to_string()))
         }
     };
-    write_image(dir, &cap.manifest, &mut fill, &mut |_, _| {}).unwrap();
+    write_image(
+        dir,
+        &cap.manifest,
+        &mut fill,
+        &mut |_, _| {},
+        Some(b.as_ref()),
+    )
+    .unwrap();
 }
 
 fn restore(
@@ -351,7 +358,14 @@ fn a_failed_write_leaves_the_earlier_image_intact() {
             Ok(())
         }
     };
-    let e = write_image(dir.path(), &cap.manifest, &mut failing, &mut |_, _| {}).unwrap_err();
+    let e = write_image(
+        dir.path(),
+        &cap.manifest,
+        &mut failing,
+        &mut |_, _| {},
+        None,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("device lost"), "{e}");
     assert_eq!(std::fs::read(dir.path().join(IMAGE_FILE)).unwrap(), good);
     let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -385,8 +399,14 @@ fn in_memory_roundtrip_like_suspend() {
                     .map_err(|e| CheckpointError::Backend(e.to_string()))
             }
         };
-        super::image::produce_blob(&cap.manifest.regions, &mut fill, &mut blob, &mut |_, _| {})
-            .unwrap()
+        super::image::produce_blob(
+            &cap.manifest.regions,
+            &mut fill,
+            &mut blob,
+            &mut |_, _| {},
+            Some(b.as_ref()),
+        )
+        .unwrap()
     };
     assert_eq!(crc, crc32fast::hash(&blob));
     st.teardown();
