@@ -206,6 +206,52 @@ pub fn write_captured(
     )
 }
 
+/// Host memory available for staging a blob (MemAvailable), 0 if unknown.
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Writes a capture to `DIR`. With `continue_early`, and where the blob fits in half the available host memory, the
+/// device memory is first copied to host memory (the fast part), `resume` is called so the process continues, and
+/// the file is written from the copy: the process's pause is the device-to-host copy, not the disk write. Otherwise
+/// the blob goes straight from the device to the file (and `resume` is not called).
+pub fn checkpoint_to_dir(
+    backend: &Arc<dyn Backend>,
+    cap: &Captured,
+    dir: &Path,
+    continue_early: bool,
+    resume: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<image::Written, CheckpointError> {
+    let len = cap.manifest.blob_len();
+    if !continue_early || len > mem_available() / 2 {
+        return write_captured(backend, cap, dir, progress);
+    }
+    let (blob, _) = blob_to_memory(backend, cap)?;
+    resume();
+    let mut starts = Vec::with_capacity(cap.manifest.regions.len());
+    let mut at = 0u64;
+    for r in &cap.manifest.regions {
+        starts.push(at);
+        at += r.bytes;
+    }
+    let mut fill = |i: usize, _: &Region, off: u64, dst: &mut [u8]| {
+        let s = (starts[i] + off) as usize;
+        dst.copy_from_slice(&blob[s..s + dst.len()]);
+        Ok(())
+    };
+    image::write_image(dir, &cap.manifest, &mut fill, progress, None)
+}
+
 /// Copies a capture's blob into host memory; returns it with its CRC.
 pub fn blob_to_memory(
     backend: &Arc<dyn Backend>,
@@ -324,13 +370,26 @@ fn checkpoint(
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
     let (cap, barrier_at) = barrier_and_capture(server, &sh)?;
-    let r = write_captured(&server.backend, &cap, out, &mut progress_to(send));
+    let continue_early = !stop && !was_paused;
+    let mut paused = None;
+    let r = checkpoint_to_dir(
+        &server.backend,
+        &cap,
+        out,
+        continue_early,
+        &mut || {
+            wait_paused(&sh);
+            sh.resume();
+            paused = Some(barrier_at.elapsed().as_secs_f64());
+        },
+        &mut progress_to(send),
+    );
     let keep_paused = was_paused || (stop && r.is_ok());
-    if !keep_paused {
+    if !keep_paused && paused.is_none() {
         wait_paused(&sh);
         sh.resume();
     }
-    let paused = barrier_at.elapsed().as_secs_f64();
+    let paused = paused.unwrap_or_else(|| barrier_at.elapsed().as_secs_f64());
     let w =
         r.map_err(|e| format!("checkpoint of pid {pid} failed (the process continues): {e}"))?;
     tracing::info!("session {}: image written to {}", sh.id, w.path.display());
