@@ -518,7 +518,11 @@ unsafe fn pointer_attribute(
             2 => put(data.cast::<c_uint>(), if device { 2 } else { 1 }),
             // DEVICE_POINTER
             3 if device => put(data.cast::<u64>(), ptr),
-            3 => Err(CuError::NOT_SUPPORTED),
+            // Pinned memory: the unified-addressing identity, as the driver reports it (cudart's
+            // cudaPointerGetAttributes, hence torch's is_pinned, needs it). Copies through it work (the shim
+            // classifies the address); a kernel dereferencing it does not (devproxy does not map host memory into
+            // the device: cuMemHostGetDevicePointer is NOT_SUPPORTED).
+            3 => put(data.cast::<u64>(), ptr),
             // HOST_POINTER
             4 if device => Err(CuError::INVALID_VALUE),
             4 => put(data.cast::<*mut c_void>(), ptr as *mut c_void),

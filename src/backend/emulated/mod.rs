@@ -18,6 +18,7 @@
 //! can hold only one arena at `ARENA_BASE`, and unit tests run in parallel in one process).
 
 mod arena;
+mod fatbin;
 mod module;
 mod stream;
 #[cfg(test)]
@@ -531,6 +532,17 @@ impl Backend for EmulatedBackend {
 
     fn module_load(&self, ctx: CtxId, image: &[u8]) -> BResult<ModuleId> {
         self.ctx(ctx.0)?;
+        let extracted;
+        let image = if fatbin::is_fatbin(image) {
+            // The PTX a fatbin carries; without one the module loads empty and its kernels fail by name on lookup.
+            extracted = fatbin::ptx_of(image).unwrap_or_else(|why| {
+                tracing::warn!("fatbin without runnable PTX ({why}): loaded empty, its kernels cannot run here");
+                b".version 8.0\n.target sm_90\n.address_size 64\n".to_vec()
+            });
+            &extracted[..]
+        } else {
+            image
+        };
         let image = module::strip_nul(image);
         if let Some(why) = module::reject_non_ptx(image) {
             tracing::warn!(
@@ -607,7 +619,10 @@ impl Backend for EmulatedBackend {
         if let Some(f) = names.get(name).and_then(|id| self.funcs.read().get(id).cloned()) {
             return Ok((FuncId(f.id), f.layout.clone()));
         }
-        let info = m.ptx.kernel(name).ok_or(CuError::NOT_FOUND)?;
+        let info = m.ptx.kernel(name).ok_or_else(|| {
+            tracing::warn!("kernel {name}: not in the module's PTX (the emulated device runs PTX kernels only)");
+            CuError::NOT_FOUND
+        })?;
         let id = self.new_id();
         let f = Arc::new(FuncState::new(id, m.clone(), name, info));
         let layout = f.layout.clone();

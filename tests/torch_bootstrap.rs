@@ -1,0 +1,39 @@
+//! PyTorch's CUDA bootstrap under `devproxy run` on the emulated device: cudart's hidden tables (integrity check),
+//! cuGetProcAddress at every ABI version, device properties, allocation, exact copies both ways, pinned memory.
+//!
+//! Opt-in: needs PyTorch in .tools/torch (scripts/setup-torch, ~3 GB). Without it the test prints why and passes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn torch_bootstraps_on_the_emulated_device() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("DEVPROXY_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".tools/torch/bin/python"));
+    if !python.is_file() {
+        println!(
+            "SKIPPED: no PyTorch at {} (run scripts/setup-torch, or set DEVPROXY_TORCH_PYTHON)",
+            python.display()
+        );
+        return;
+    }
+    common::require_shim();
+    let out = Command::new(common::devproxy())
+        .arg("run")
+        .arg("--")
+        .arg(&python)
+        .arg(root.join("tests/fixtures/torch_bootstrap.py"))
+        .output()
+        .expect("devproxy run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("torch bootstrap ok"),
+        "torch bootstrap failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
