@@ -3,7 +3,7 @@
 # Each step has its own timeout and prints PASS/FAIL with figures; everything native is measured in the same run.
 # Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
 #
-#   gpu/check.sh [steps...]    steps: backend examples overhead ckpt migrate suspend throughput nvidia (default: all)
+#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch (default: all)
 set -u
 cd "$(dirname "$0")/.."
 B=${GPU_BIN:-$PWD/.gpu}
@@ -20,7 +20,7 @@ export DEVPROXY_SHIM="$B/libdevproxy_interpose.so"
 rm -rf "$DEVPROXY_RUNTIME_DIR"; mkdir -p "$DEVPROXY_RUNTIME_DIR"
 W=/dev/shm/devproxy-gpu; rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
-STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia"}
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch"}
 
 say() { echo "$*" | tee -a "$SUM"; }
 log() { echo "$*" >>"$LOG"; }
@@ -193,6 +193,25 @@ if want nvidia; then
   for gib in 1 16; do
     r=$(timeout 120 "$PY" gpu/nv_checkpoint.py "$gib" 2>>"$LOG")
     say "  $r"
+  done
+fi
+
+# ---- 9. unmodified PyTorch (issue 6): losses natively and under devproxy, step-time ratio
+if want torch; then
+  TPY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
+  for spec in "mlp 30" "cnn 20" "transformer 8"; do
+    set -- $spec
+    m=$1; n=$2
+    timeout 120 "$TPY" gpu/torch_train.py --model "$m" --steps "$n" >"$W/t-$m.native" 2>"$W/t-$m.native.err"
+    timeout 240 "$B/devproxy" run --backend cuda -- "$TPY" gpu/torch_train.py --model "$m" --steps "$n" >"$W/t-$m.proxy" 2>"$W/t-$m.proxy.err"
+    tail -n 30 "$W/t-$m.native.err" "$W/t-$m.proxy.err" >>"$LOG"
+    nt=$(grep -o '[0-9.]* ms/step' "$W/t-$m.native.err" | awk '{print $1}')
+    pt=$(grep -o '[0-9.]* ms/step' "$W/t-$m.proxy.err" | awk '{print $1}')
+    if [ -s "$W/t-$m.native" ] && cmp -s "$W/t-$m.native" "$W/t-$m.proxy"; then
+      pass "torch: $m losses identical natively and under devproxy ($n steps); step native $nt ms, devproxy $pt ms, ratio $(ratio "$pt" "$nt")"
+    else
+      fail "torch: $m: native $(wc -l <"$W/t-$m.native") steps, devproxy $(wc -l <"$W/t-$m.proxy") steps; first proxy error: $(grep -m1 -iE 'error|not supported' "$W/t-$m.proxy.err")"
+    fi
   done
 fi
 
