@@ -257,8 +257,7 @@ pub fn blob_to_memory(
     backend: &Arc<dyn Backend>,
     cap: &Captured,
 ) -> Result<(Vec<u8>, u32), CheckpointError> {
-    let mut blob = Vec::with_capacity(cap.manifest.blob_len() as usize);
-    image::advise_huge(&mut blob);
+    let mut blob = image::MemSink::new(cap.manifest.blob_len());
     let mut fill = filler(backend, cap);
     let crc = produce_blob(
         &cap.manifest.regions,
@@ -267,7 +266,7 @@ pub fn blob_to_memory(
         &mut |_, _| {},
         Some(backend.as_ref()),
     )?;
-    Ok((blob, crc))
+    Ok((blob.into_inner(), crc))
 }
 
 /// Sessions with a state-moving operation in progress: a second one waits for none, it is refused.
