@@ -578,7 +578,19 @@ fn server_killed_while_writing_leaves_the_earlier_image_intact() {
         &[],
         &[("DEVPROXY_TEST_IMAGE_WRITE_DELAY_MS", "1500")],
     );
-    let mut run = Run::start(&env, Some(&sock), TRAIN);
+    // Long enough to outlive two image writes (the process is not needed to finish).
+    let mut run = Run::start(
+        &env,
+        Some(&sock),
+        &[
+            "--steps",
+            "200",
+            "--log-every",
+            "1",
+            "--step-delay-ms",
+            "40",
+        ],
+    );
     run.wait_for_step(2);
     let pid = pid_on(&sock, "train").to_string();
     let img = env.path("img");
@@ -609,6 +621,9 @@ fn server_killed_while_writing_leaves_the_earlier_image_intact() {
         .unwrap();
     // Kill the server once the new image is being written (its temporary file exists).
     wait_until(Duration::from_secs(10), "the second image to start", || {
+        if let Ok(Some(st)) = second.try_wait() {
+            panic!("the second checkpoint ended ({st}) before the server was killed");
+        }
         std::fs::read_dir(&img)
             .unwrap()
             .any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp-"))
