@@ -24,7 +24,6 @@ pub mod manifest;
 pub mod ops;
 
 use crate::control::{ControlReply, ControlRequest};
-use crate::server::session::SessionState;
 use crate::server::Server;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -129,9 +128,6 @@ pub fn restore_cmd(
 pub fn inspect_cmd(dir: &std::path::Path) -> Result<(), String> {
     ops::inspect_cmd(dir)
 }
-
-/// Keeps `SessionState` in the public vocabulary of this module (it implements [`Persist`]).
-pub type SavedSession = <SessionState as Persist<'static>>::State;
 
 #[cfg(test)]
 mod tests;

@@ -550,6 +550,23 @@ fn add_pending(
     Ok(())
 }
 
+/// A progress line on stderr when it is a terminal (as the CLI shows for checkpoint and migrate).
+fn terminal_progress() -> impl FnMut(u64, u64) {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = Instant::now();
+    move |done, total| {
+        if tty && total > 0 {
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e9;
+            eprint!(
+                "\r  {:5.1}%  {} of {}  {rate:.2} GB/s   ",
+                done as f64 * 100.0 / total as f64,
+                human_bytes(done),
+                human_bytes(total)
+            );
+        }
+    }
+}
+
 /// `devproxy restore DIR`: checks the image, rebuilds its session on a new server and serves it in the foreground.
 /// Nothing is listened on before the session is fully rebuilt, so a refused image leaves the process waiting.
 pub fn restore_cmd(
@@ -576,9 +593,12 @@ pub fn restore_cmd(
         ExpectedCrc::Known(img.header.blob_crc),
         &what,
         &mut || Ok(()),
-        &mut |_, _| {},
+        &mut terminal_progress(),
     )
     .map_err(|e| format!("restore refused, nothing was restored: {e}"))?;
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprint!("\r{:60}\r", "");
+    }
     let bytes = rebuilt.bytes;
     let secs = t0.elapsed().as_secs_f64();
     let srv = Server::new(
