@@ -427,14 +427,20 @@ fn ptx_kernel_layout_launch_and_globals() {
         ("counter", gptr, 4)
     );
 
-    // The module cache: same image, another session -> same module, refcounted.
+    // The module cache: same image, same session -> same module, refcounted; another session gets its own
+    // module (module-scope variables are per process on CUDA).
+    let m_again = b.module_load(ctx, PTX.as_bytes()).unwrap();
+    assert_eq!(m_again, m);
+    b.module_unload(m_again).unwrap();
     let (ctx2, _) = session(&*b);
     let mut nul_terminated = PTX.as_bytes().to_vec();
     nul_terminated.push(0);
     let m2 = b.module_load(ctx2, PTX.as_bytes()).unwrap();
-    assert_eq!(m2, m);
+    assert_ne!(m2, m, "sessions must not share a module");
+    let (g2, _) = b.module_global(m2, "counter").unwrap();
+    assert_ne!(g2, gptr, "sessions must not share module-scope variables");
     let m3 = b.module_load(ctx2, &nul_terminated).unwrap();
-    assert_ne!(m3, m, "a different image (with its NUL) is another module");
+    assert_ne!(m3, m2, "a different image (with its NUL) is another module");
     b.module_unload(m3).unwrap();
     b.module_unload(m2).unwrap();
     b.launch(f, [n / 256, 1, 1], [256, 1, 1], 0, s, &p.0)
