@@ -187,3 +187,61 @@ fn no_server_means_an_error_naming_the_socket_not_a_hang() {
         "the log should name the socket it tried:\n{err}"
     );
 }
+
+/// The `__global__` kernels of the PTX interpreter's corpus, read from the source so that a kernel added there
+/// without a check in examples/kernel_corpus.rs fails this test.
+fn corpus_kernels() -> Vec<String> {
+    let src = include_str!("../ptx/tests/corpus/kernels.cu");
+    let code: String = src
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let names: Vec<String> = code
+        .split("__global__")
+        .skip(1)
+        .map(|rest| {
+            let after_void = rest.trim_start().strip_prefix("void").unwrap_or("");
+            after_void
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.is_empty()),
+        "a __global__ in kernels.cu that is not `__global__ void NAME(`: {names:?}"
+    );
+    names
+}
+
+#[test]
+fn every_corpus_kernel_gives_its_reference_result_under_devproxy() {
+    let kernels = corpus_kernels();
+    assert!(kernels.len() >= 19, "corpus shrank? {kernels:?}");
+    let sb = Sandbox::new();
+    let out = sb.run_under(None, &example("kernel_corpus"), &[]);
+    let so = stdout(&out);
+    assert!(
+        out.status.success(),
+        "kernel_corpus failed under devproxy:\n{so}\n{}",
+        stderr(&out)
+    );
+    let passed: Vec<&str> = so.lines().filter_map(|l| l.strip_prefix("PASS ")).collect();
+    for k in &kernels {
+        assert!(
+            passed.contains(&k.as_str()),
+            "corpus kernel {k} did not PASS:\n{so}"
+        );
+    }
+    assert_eq!(
+        passed.len(),
+        kernels.len(),
+        "PASS lines vs __global__ kernels in kernels.cu:\n{so}"
+    );
+    assert!(
+        so.contains(&format!("corpus: {} passed, 0 failed", kernels.len())),
+        "{so}"
+    );
+}
