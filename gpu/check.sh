@@ -116,7 +116,7 @@ fi
 # ---- 2. examples natively and under devproxy: identical output
 TRAIN_ARGS="--steps 300 --log-every 25"
 if want examples; then
-  for ex in "saxpy" "train $TRAIN_ARGS"; do
+  for ex in "saxpy" "train $TRAIN_ARGS" "kernel_corpus"; do
     set -- $ex
     name=$1; shift
     timeout 120 "$B/$name" "$@" >"$W/$name.native" 2>"$W/$name.native.err"
