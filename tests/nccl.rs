@@ -225,3 +225,108 @@ fn a_rank_that_dies_during_the_barrier_is_named_and_the_others_are_released() {
         let _ = k.wait();
     }
 }
+
+/// Starts `devproxy serve` on `name.sock` as a child the test can SIGKILL; waits until it listens.
+fn serve_killable(sb: &Sandbox, name: &str) -> (std::path::PathBuf, Child) {
+    let sock = sb.path(&format!("{name}.sock"));
+    let child = sb
+        .cmd()
+        .args([
+            "serve",
+            "--backend",
+            "emulated",
+            "--arena-gib",
+            "4",
+            "--socket",
+        ])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn devproxy serve");
+    common::wait_for(
+        &devproxy::server::control_path(&sock),
+        Duration::from_secs(20),
+    );
+    (sock, child)
+}
+
+/// A delay in `lo..hi` ms that differs from run to run (the step a checkpoint or migration lands on).
+fn random_ms(lo: u64, hi: u64) -> Duration {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(lo + t % (hi - lo))
+}
+
+#[test]
+fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
+    let want = reference(2);
+    let mut sb = Sandbox::new();
+    let (a, mut ka) = serve_killable(&sb, "a");
+    let (b, mut kb) = serve_killable(&sb, "b");
+    let servers = vec![a.clone(), b.clone()];
+    let kids = (0..2)
+        .map(|r| spawn_rank(&sb, Some(&servers[r]), 2, r, &["--step-delay-ms", "60"]))
+        .collect();
+    let job = job_on(&servers, 2);
+    std::thread::sleep(random_ms(0, 500));
+    let out = sb.path("job-img");
+    let o = sb
+        .cmd()
+        .args(["checkpoint", "--job", &job, "--stop", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{msg}");
+    assert!(msg.contains("ranks stay stopped"), "{msg}");
+    for k in [&mut ka, &mut kb] {
+        k.kill().unwrap();
+        k.wait().unwrap();
+    }
+    let restore = sb
+        .cmd()
+        .args(["restore", "--backend", "emulated"])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    sb.adopt(restore);
+    for got in finish(kids, Duration::from_secs(40)) {
+        assert_eq!(got, want, "{msg}");
+    }
+}
+
+#[test]
+fn one_rank_live_migrated_mid_run_matches_the_reference() {
+    let want = reference(2);
+    let mut sb = Sandbox::new();
+    let servers = vec![sb.serve("a", &[]), sb.serve("b", &[])];
+    let c = sb.serve("c", &[]);
+    let kids = (0..2)
+        .map(|r| spawn_rank(&sb, Some(&servers[r]), 2, r, &["--step-delay-ms", "60"]))
+        .collect();
+    let job = job_on(&servers, 2);
+    std::thread::sleep(random_ms(0, 400));
+    let o = sb
+        .cmd()
+        .args(["migrate", "--job", &job, "--rank", "1", "--to"])
+        .arg(&c)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{msg}");
+    assert!(msg.contains("migration of pid"), "{msg}");
+    let on_c = devproxy::nccl::job::status(std::slice::from_ref(&c));
+    assert!(
+        on_c.iter().any(|(_, r)| r.job == job && r.rank == 1),
+        "rank 1 is not on the target: {on_c:?}"
+    );
+    for got in finish(kids, Duration::from_secs(40)) {
+        assert_eq!(got, want, "{msg}");
+    }
+}

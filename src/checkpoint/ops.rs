@@ -521,7 +521,7 @@ pub fn restore_state(
 }
 
 /// Registers a rebuilt session with `server` as waiting for its process.
-fn add_pending(
+pub fn add_pending(
     server: &Server,
     img: &SessionImage,
     rebuilt: Rebuilt,
@@ -596,6 +596,12 @@ pub fn restore_cmd(
         &mut terminal_progress(),
     )
     .map_err(|e| format!("restore refused, nothing was restored: {e}"))?;
+    let mut rebuilt = rebuilt;
+    // An NCCL rank's communicators (nccl.state next to the image) rejoin their cliques.
+    if let Err(e) = crate::nccl::restore::attach_saved(&img.path, &mut rebuilt.state) {
+        rebuilt.state.teardown();
+        return Err(format!("restore refused, nothing was restored: {e}"));
+    }
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprint!("\r{:60}\r", "");
     }
@@ -758,7 +764,10 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
     let to_s = to.display().to_string();
     // From now on the process polls the target's socket.
     cap.manifest.sessions[0].socket = to_s.clone();
-    match stream_to(&conn, &server.backend, &cap, send) {
+    // An NCCL rank's communicators follow: the target rejoins their cliques before this server lets go.
+    let moved = stream_to(&conn, &server.backend, &cap, send)
+        .and_then(|s| crate::nccl::restore::hand_over(&sh, to).map(|()| s));
+    match moved {
         Ok(_) => {
             let sh2 = sh.clone();
             let note = to_s.clone();

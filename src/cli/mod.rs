@@ -71,8 +71,18 @@ pub enum Command {
         stop: bool,
     },
     /// Start a server that restores an image; the paused process re-attaches to it.
+    ///
+    /// DIR is one process's image directory, or an NCCL job image (`devproxy checkpoint --job ID --out DIR`: a
+    /// job.manifest and rank-R/ per rank). A job image restores every rank with one command: one restore server per
+    /// server socket the ranks' processes poll (as recorded in their images), in the foreground until all end; each
+    /// restored rank rejoins its clique (a new rendezvous hub under the job's old id) and continues from the
+    /// collective the job was stopped before. Kill the old servers first (their sockets are reused). To restore ranks
+    /// on several machines, run `devproxy restore DIR --ranks R,...` on each, for the ranks whose processes live there.
     Restore {
         dir: PathBuf,
+        /// Job image only: restore just these ranks (comma-separated), in one server.
+        #[arg(long, value_delimiter = ',')]
+        ranks: Option<Vec<i32>>,
         #[arg(long)]
         socket: Option<PathBuf>,
         #[arg(long)]
@@ -81,11 +91,19 @@ pub enum Command {
         device: u32,
     },
     /// Move a running process's device state to another server; the process continues there.
+    ///
+    /// An NCCL rank (`--pid` of its process, or `--job ID --rank R`) takes its communicators along: they rejoin the
+    /// job's clique from the target server while the other ranks run on.
     Migrate {
         #[arg(long)]
         server: Option<PathBuf>,
-        #[arg(long)]
-        pid: u32,
+        #[arg(long, required_unless_present = "job")]
+        pid: Option<u32>,
+        /// The NCCL job of the rank to move (see `devproxy ps`); with --rank.
+        #[arg(long, conflicts_with = "pid", requires = "rank")]
+        job: Option<String>,
+        #[arg(long, requires = "job")]
+        rank: Option<i32>,
         #[arg(long)]
         to: PathBuf,
     },
@@ -203,22 +221,47 @@ pub fn main(cli: Cli) -> i32 {
                 (None, None) => Err("--pid or --job is required".into()),
             }
         }
-        Command::Migrate { server, pid, to } => state_cmd(
+        Command::Migrate {
             server,
             pid,
-            ControlRequest::Migrate {
-                pid,
-                to: absolute(to).display().to_string(),
-            },
-        ),
+            job,
+            rank,
+            to,
+        } => {
+            let to = absolute(to).display().to_string();
+            let target = match (pid, job, rank) {
+                (Some(pid), _, _) => Ok((server, pid)),
+                (None, Some(job), Some(rank)) => {
+                    let servers = server.map_or_else(control::discover, |s| vec![s]);
+                    crate::nccl::restore::find_rank(&servers, &job, rank)
+                        .map(|(s, p)| (Some(s), p))
+                }
+                _ => Err("--pid, or --job with --rank, is required".to_string()),
+            };
+            target.and_then(|(server, pid)| {
+                state_cmd(server, pid, ControlRequest::Migrate { pid, to })
+            })
+        }
         Command::Suspend { server, pid } => state_cmd(server, pid, ControlRequest::Suspend { pid }),
         Command::Resume { server, pid } => state_cmd(server, pid, ControlRequest::Resume { pid }),
         Command::Restore {
             dir,
+            ranks,
             socket,
             backend,
             device,
-        } => crate::checkpoint::restore_cmd(&dir, socket, backend, device),
+        } => {
+            if crate::nccl::restore::is_job_dir(&dir) {
+                crate::nccl::restore::restore_job_cmd(&dir, ranks, socket, backend, device)
+            } else if ranks.is_some() {
+                Err(format!(
+                    "{}: --ranks needs a job image (no job.manifest there)",
+                    dir.display()
+                ))
+            } else {
+                crate::checkpoint::restore_cmd(&dir, socket, backend, device)
+            }
+        }
         Command::Inspect { dir } => crate::checkpoint::inspect_cmd(&dir),
         Command::Shutdown { server } => shutdown(server),
     };

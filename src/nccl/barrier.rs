@@ -15,6 +15,7 @@
 //! image there (through `checkpoint::ops::capture`), when the coordinator asks for it.
 
 use super::rank::{jobs, RankComm};
+use super::state::RankState;
 use super::NcclOp;
 use crate::checkpoint::manifest::DeviceImage;
 use crate::checkpoint::ops::{capture, write_captured, Identity};
@@ -50,11 +51,11 @@ pub fn before_group(st: &mut SessionState, seg: &Segment, ops: &[NcclOp]) {
         .filter_map(|o| st.nccl.get(&o.comm).cloned())
         .collect();
     for comm in comms {
-        hold_here(st, seg, &comm);
+        hold_here(st, seg, &comm, ops);
     }
 }
 
-fn hold_here(st: &mut SessionState, seg: &Segment, comm: &RankComm) {
+fn hold_here(st: &mut SessionState, seg: &Segment, comm: &RankComm, ops: &[NcclOp]) {
     let mut g = comm.hold.lock();
     loop {
         let Some(h) = g.as_mut() else { return };
@@ -78,10 +79,13 @@ fn hold_here(st: &mut SessionState, seg: &Segment, comm: &RankComm) {
         if let Some(cmd) = h.cmd.take() {
             drop(g);
             let device = DeviceImage::of(st.backend.info());
+            // The group being held was taken from the ring but not executed: the restored session runs it first.
+            let nccl = RankState::of(st, ops.to_vec());
             let r = capture(st, seg, cmd.who, device)
                 .and_then(|cap| write_captured(&st.backend, &cap, &cmd.dir, &mut |_, _| {}))
                 .map(|w| w.file_bytes)
-                .map_err(|e| e.to_string());
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| nccl.write(&cmd.dir).map(|()| bytes));
             g = comm.hold.lock();
             if let Some(h) = g.as_mut() {
                 h.result = Some(r);
@@ -118,6 +122,9 @@ pub enum JobRequest {
     Capture { job: String, dir: String },
     /// Disarm the holds: held ranks continue.
     Release { job: String },
+    /// Migration target: rebuild the communicators of the adopted session `session` (waiting for its process) from
+    /// an encoded [`RankState`]: they rejoin their cliques, replacing the source's connections.
+    Attach { session: u64, state: Vec<u8> },
 }
 
 /// Answers to [`JobRequest`]s.
@@ -142,7 +149,7 @@ fn session_of(server: &Server, comm: &RankComm) -> Option<Arc<crate::server::Ses
         .sessions
         .lock()
         .values()
-        .find(|s| Arc::as_ptr(&s.seg) as u64 == comm.session)
+        .find(|s| Arc::as_ptr(&s.seg) as u64 == comm.session())
         .cloned()
 }
 
@@ -247,7 +254,20 @@ pub fn control(server: &Arc<Server>, req: JobRequest) -> JobReply {
             release(&local(&job));
             JobReply::Rows(rows(server, Some(&job)))
         }
+        JobRequest::Attach { session, state } => match attach_pending(server, session, &state) {
+            Ok(()) => JobReply::Rows(rows(server, None)),
+            Err(e) => JobReply::Err(e),
+        },
     }
+}
+
+fn attach_pending(server: &Server, session: u64, state: &[u8]) -> Result<(), String> {
+    let saved = RankState::decode(state, "migration stream")?;
+    let mut pending = server.pending.lock();
+    let p = pending
+        .get_mut(&session)
+        .ok_or_else(|| format!("no adopted session {session} waits here for its communicators"))?;
+    saved.attach(&mut p.state)
 }
 
 fn release(comms: &[Arc<RankComm>]) {

@@ -51,6 +51,13 @@ pub enum ToHub {
         color: i32,
         key: i32,
     },
+    /// A restored or migrated rank coming back: like `Join`, but the rank may already be known (its old connection
+    /// is replaced and closing it no longer counts as the rank leaving) or gone (it is back).
+    Rejoin {
+        rank: i32,
+        nranks: i32,
+        who: String,
+    },
 }
 
 /// Hub -> rank.
@@ -152,19 +159,56 @@ pub fn start() -> Result<UniqueId, String> {
         nonce as u32
     );
     let id = UniqueId::new(&name).ok_or("hub name too long")?;
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
-    let listener = UnixListener::bind_addr(&addr)
-        .map_err(|e| format!("cannot listen on the NCCL hub socket: {e}"))?;
+    start_at(id).map_err(|e| format!("cannot listen on the NCCL hub socket: {e}"))
+}
+
+/// Starts a hub listening on the name `id` carries (a restored job's clique gets a new hub under its old id, so the
+/// restored ranks' unique ids stay valid). Fails with `AddrInUse` where a hub already listens there.
+pub fn start_at(id: UniqueId) -> std::io::Result<UniqueId> {
+    let name = id
+        .name()
+        .ok_or_else(|| std::io::Error::other("not a devproxy NCCL unique id"))?;
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
     let hub = Arc::new(Hub {
         id,
         state: Mutex::new(State::default()),
     });
     std::thread::Builder::new()
         .name("devproxy-nccl-hub".into())
-        .spawn(move || hub.accept_loop(listener))
-        .map_err(|e| e.to_string())?;
+        .spawn(move || hub.accept_loop(listener))?;
     tracing::info!("NCCL rendezvous hub {} started", id.job());
     Ok(id)
+}
+
+/// Connects to the hub `id` names; if nobody listens there (the job's servers were restored after the one holding
+/// the hub died), starts a new hub under that name in this server first. Ranks restored concurrently in several
+/// servers race to start it: the loser connects to the winner's.
+pub fn connect_or_start(id: &UniqueId) -> Result<UnixStream, String> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match connect(id) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+        match start_at(*id) {
+            Ok(_) => {
+                tracing::info!(
+                    "NCCL job {}: no rendezvous hub was listening; started a new one here",
+                    id.job()
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot start a rendezvous hub for job {}: {e}",
+                    id.job()
+                ))
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(last)
 }
 
 /// Connects to the hub an id names.
@@ -199,8 +243,13 @@ impl Hub {
     }
 
     fn serve(self: Arc<Self>, mut conn: UnixStream) {
-        let rank = match read_msg::<ToHub>(&mut conn) {
-            Ok(Some(ToHub::Join { rank, nranks, who })) => {
+        let (rank, writer) = match read_msg::<ToHub>(&mut conn) {
+            Ok(Some(msg @ (ToHub::Join { .. } | ToHub::Rejoin { .. }))) => {
+                let (rank, nranks, who, again) = match msg {
+                    ToHub::Join { rank, nranks, who } => (rank, nranks, who, false),
+                    ToHub::Rejoin { rank, nranks, who } => (rank, nranks, who, true),
+                    _ => return,
+                };
                 let writer = match conn.try_clone() {
                     Ok(w) => Arc::new(Mutex::new(w)),
                     Err(_) => return,
@@ -210,7 +259,10 @@ impl Hub {
                     if s.nranks == 0 {
                         s.nranks = nranks;
                     }
-                    if nranks != s.nranks || rank < 0 || rank >= nranks || s.joined.contains(&rank)
+                    if nranks != s.nranks
+                        || rank < 0
+                        || rank >= nranks
+                        || (!again && s.joined.contains(&rank))
                     {
                         Some(format!(
                             "rank {rank} of {nranks} cannot join a clique of {} ranks (ranks joined: {:?})",
@@ -218,6 +270,8 @@ impl Hub {
                         ))
                     } else {
                         s.joined.insert(rank);
+                        s.gone.remove(&rank);
+                        // A rejoin replaces the rank's old connection (a migration's source still holds it).
                         s.peers.insert(rank, writer.clone());
                         None
                     }
@@ -234,15 +288,30 @@ impl Hub {
                     return;
                 }
                 tracing::debug!(
-                    "NCCL job {}: rank {rank}/{nranks} joined ({who})",
-                    self.id.job()
+                    "NCCL job {}: rank {rank}/{nranks} {} ({who})",
+                    self.id.job(),
+                    if again { "rejoined" } else { "joined" }
                 );
-                rank
+                (rank, writer)
             }
             _ => return,
         };
         while let Ok(Some(msg)) = read_msg::<ToHub>(&mut conn) {
             self.handle(rank, msg);
+        }
+        let replaced = !self
+            .state
+            .lock()
+            .peers
+            .get(&rank)
+            .is_some_and(|w| Arc::ptr_eq(w, &writer));
+        if replaced {
+            // The rank rejoined through another connection (it moved): this one closing is not the rank leaving.
+            tracing::debug!(
+                "NCCL job {}: rank {rank}'s old connection closed",
+                self.id.job()
+            );
+            return;
         }
         self.rank_gone(rank);
         if self.finished() {
@@ -260,7 +329,7 @@ impl Hub {
     fn handle(&self, rank: i32, msg: ToHub) {
         let mut s = self.state.lock();
         match msg {
-            ToHub::Join { .. } => {}
+            ToHub::Join { .. } | ToHub::Rejoin { .. } => {}
             ToHub::Op {
                 tag,
                 seq,

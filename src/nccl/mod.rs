@@ -23,6 +23,8 @@ pub mod hub;
 pub mod job;
 pub mod rank;
 pub mod reduce;
+pub mod restore;
+pub mod state;
 #[cfg(test)]
 mod tests;
 

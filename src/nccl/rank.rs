@@ -35,8 +35,9 @@ pub struct RankComm {
     pub id: UniqueId,
     pub rank: i32,
     pub nranks: i32,
-    /// The owning session's segment address: identifies its session to the control socket (`devproxy ps`).
-    pub session: u64,
+    /// The owning session's segment address: identifies its session to the control socket (`devproxy ps`). 0 while
+    /// a restored session waits for its process (set when it re-attaches).
+    session: AtomicU64,
     writer: Mutex<UnixStream>,
     conn: Arc<Conn>,
     next_tag: AtomicU64,
@@ -94,7 +95,7 @@ pub fn jobs() -> Vec<JobRank> {
             job: c.id.job(),
             rank: c.rank,
             nranks: c.nranks,
-            session: c.session,
+            session: c.session(),
             collectives: c.issued.load(Ordering::Relaxed),
         })
         .collect();
@@ -110,12 +111,38 @@ impl RankComm {
         nranks: i32,
         session: u64,
     ) -> Result<Arc<RankComm>, String> {
+        Self::connect(id, rank, nranks, session, None)
+    }
+
+    /// Rejoins the clique `id` names with a saved position (a restored or migrated rank): the hub under that name
+    /// is started here if none listens, the collective and point-to-point counts continue from `saved`.
+    pub fn rejoin(
+        id: UniqueId,
+        saved: &super::state::CommImage,
+        session: u64,
+    ) -> Result<Arc<RankComm>, String> {
+        Self::connect(id, saved.rank, saved.nranks, session, Some(saved))
+    }
+
+    fn connect(
+        id: UniqueId,
+        rank: i32,
+        nranks: i32,
+        session: u64,
+        saved: Option<&super::state::CommImage>,
+    ) -> Result<Arc<RankComm>, String> {
         if nranks < 1 || rank < 0 || rank >= nranks {
             return Err(format!("rank {rank} of {nranks} is out of range"));
         }
-        let mut stream = hub::connect(&id)?;
         let who = format!("server pid {} session {session}", std::process::id());
-        write_msg(&mut stream, &ToHub::Join { rank, nranks, who }).map_err(|e| e.to_string())?;
+        let (mut stream, msg) = match saved {
+            None => (hub::connect(&id)?, ToHub::Join { rank, nranks, who }),
+            Some(_) => (
+                hub::connect_or_start(&id)?,
+                ToHub::Rejoin { rank, nranks, who },
+            ),
+        };
+        write_msg(&mut stream, &msg).map_err(|e| e.to_string())?;
         match read_msg::<FromHub>(&mut stream).map_err(|e| e.to_string())? {
             Some(FromHub::Joined) => {}
             Some(FromHub::Failed { msg, .. }) => return Err(msg),
@@ -156,18 +183,57 @@ impl RankComm {
             id,
             rank,
             nranks,
-            session,
+            session: AtomicU64::new(session),
             writer: Mutex::new(stream),
             conn,
             next_tag: AtomicU64::new(1),
-            issued: AtomicU64::new(0),
-            p2p: Mutex::new(HashMap::new()),
+            issued: AtomicU64::new(saved.map_or(0, |c| c.issued)),
+            p2p: Mutex::new(
+                saved
+                    .map(|c| {
+                        c.p2p
+                            .iter()
+                            .map(|&(send, peer, n)| ((send, peer), n))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
             async_error: Mutex::new(None),
             hold: Mutex::new(None),
             hold_cv: parking_lot::Condvar::new(),
         });
         REGISTRY.lock().push(Arc::downgrade(&comm));
         Ok(comm)
+    }
+
+    /// The owning session's segment address (0: a restored session not yet re-attached).
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::Acquire)
+    }
+
+    /// Binds the communicator to the segment of the session that (re-)attached with it.
+    pub fn set_session(&self, session: u64) {
+        self.session.store(session, Ordering::Release);
+    }
+
+    /// What a restore or a migration target needs to rejoin as this rank: id, rank, size and counts. Only valid
+    /// while the rank issues nothing (its session is stopped at a barrier).
+    pub fn save(&self, handle: u64) -> super::state::CommImage {
+        let mut p2p: Vec<(bool, i32, u64)> = self
+            .p2p
+            .lock()
+            .iter()
+            .map(|(&(send, peer), &n)| (send, peer, n))
+            .collect();
+        p2p.sort();
+        super::state::CommImage {
+            handle,
+            id: self.id.0.to_vec(),
+            rank: self.rank,
+            nranks: self.nranks,
+            issued: self.issued(),
+            p2p,
+        }
     }
 
     /// Collectives issued so far.

@@ -383,6 +383,10 @@ impl Server {
         if state.registered.is_empty() {
             register_segment(&mut state, &seg);
         }
+        // A restored rank's communicators belong to this segment from now on (`devproxy ps`, the job barrier).
+        for c in state.nccl.values() {
+            c.set_session(Arc::as_ptr(&seg) as u64);
+        }
         let watch = conn.try_clone().ok();
         let shared = Arc::new(SessionShared {
             id,
@@ -427,6 +431,15 @@ impl Server {
     fn session_loop(self: Arc<Self>, sh: Arc<SessionShared>, mut st: SessionState) {
         let mut buf = Vec::with_capacity(4096);
         let mut detached = false;
+        // A restored rank held by the job barrier inside an NCCL group: that record was taken from the ring but not
+        // executed (it is the one after `last_executed`), so it runs first, as that record.
+        for req in std::mem::take(&mut st.replay) {
+            let seq = sh.seg.last_executed() + 1;
+            tracing::info!("session {}: executing held call {seq} again", sh.id);
+            sh.calls.fetch_add(1, Ordering::Relaxed);
+            let _ = self.execute(&mut st, &sh, req, false);
+            sh.seg.set_last_executed(seq);
+        }
         'outer: loop {
             // Jobs (barrier, checkpoint, migration) run here: between two requests.
             let jobs: Vec<SessionJob> = std::mem::take(&mut *sh.jobs.lock());

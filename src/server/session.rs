@@ -63,6 +63,9 @@ pub struct SessionState {
     pub registered: Vec<HostSpan>,
     /// NCCL communicators by virtual handle (kept apart from `objects`: a checkpoint saves them per job).
     pub nccl: HashMap<Handle, Arc<crate::nccl::RankComm>>,
+    /// Requests to execute before the ring, once the process re-attaches: a restored rank's NCCL group that the job
+    /// barrier held it in (taken from the ring, not yet executed; see `crate::nccl::state`).
+    pub replay: Vec<crate::protocol::Request>,
 }
 
 impl SessionState {
@@ -82,6 +85,7 @@ impl SessionState {
             sticky: None,
             registered: Vec::new(),
             nccl: HashMap::new(),
+            replay: Vec::new(),
         })
     }
 
