@@ -26,6 +26,9 @@ pub struct RangeAllocator {
     /// Free ranges, coalesced (no two adjacent): start -> length.
     free: BTreeMap<u64, u64>,
     used: u64,
+    /// Reserved ranges (cuMemAddressReserve): out of `free`, not counted in `used`; live allocations may be placed
+    /// inside one only with [`RangeAllocator::alloc_at`], and freeing them leaves the range reserved.
+    reserved: BTreeMap<u64, u64>,
 }
 
 fn round_up(x: u64, align: u64) -> Option<u64> {
@@ -56,6 +59,7 @@ impl RangeAllocator {
             live: BTreeMap::new(),
             free,
             used: 0,
+            reserved: BTreeMap::new(),
         }
     }
 
@@ -156,6 +160,14 @@ impl RangeAllocator {
             Some(end) if end <= self.end() => {}
             _ => return false,
         }
+        if self.reservation_of(addr, size).is_some() {
+            if !self.no_live_in(addr, size) {
+                return false;
+            }
+            self.live.insert(addr, size);
+            self.used += size;
+            return true;
+        }
         match self.free.range(..=addr).next_back() {
             Some((&s, &l)) if s + l >= addr + size => {}
             _ => return false,
@@ -180,10 +192,78 @@ impl RangeAllocator {
         }
     }
 
+    /// Whether [`RangeAllocator::alloc_at`] would succeed for `[addr, addr + bytes)` (allocates nothing).
+    pub fn can_place_at(&self, addr: u64, bytes: u64) -> bool {
+        let Some(size) = self.rounded(bytes) else {
+            return false;
+        };
+        if size == 0 || addr % self.align != 0 || addr < self.base {
+            return false;
+        }
+        match addr.checked_add(size) {
+            Some(end) if end <= self.end() => {}
+            _ => return false,
+        }
+        if self.reservation_of(addr, size).is_some() {
+            return self.no_live_in(addr, size);
+        }
+        matches!(self.free.range(..=addr).next_back(), Some((&s, &l)) if s + l >= addr + size)
+    }
+
+    /// Whether no live allocation overlaps `[addr, addr + size)`.
+    fn no_live_in(&self, addr: u64, size: u64) -> bool {
+        let end = addr + size;
+        let before = self.live.range(..addr).next_back().is_some_and(|(&b, &s)| b + s > addr);
+        !before && self.live.range(addr..end).next().is_none()
+    }
+
+    /// Reserves `bytes` (rounded) of address space aligned to `align`, first fit: nothing is allocated, the range
+    /// only stops being handed out by the first-fit calls. `None` when nothing fits.
+    pub fn reserve(&mut self, bytes: u64, align: u64) -> Option<u64> {
+        let size = self.rounded(bytes)?;
+        let addr = self.find_free(size, align, self.base, self.end())?;
+        self.take(addr, size);
+        self.reserved.insert(addr, size);
+        Some(addr)
+    }
+
+    /// The reservation `(start, size)` that contains all of `[addr, addr + len)`.
+    pub fn reservation_of(&self, addr: u64, len: u64) -> Option<(u64, u64)> {
+        let (&b, &s) = self.reserved.range(..=addr).next_back()?;
+        let end = addr.checked_add(len.max(1))?;
+        (end <= b + s).then_some((b, s))
+    }
+
+    /// Gives a reservation starting at `addr` back; its size, or `None` if no reservation starts there or a live
+    /// allocation still lies inside it.
+    pub fn unreserve(&mut self, addr: u64) -> Option<u64> {
+        let size = *self.reserved.get(&addr)?;
+        if !self.no_live_in(addr, size) {
+            return None;
+        }
+        self.reserved.remove(&addr);
+        self.give_back(addr, size);
+        Some(size)
+    }
+
+    /// Reserved ranges `(start, size)` in address order.
+    pub fn reservations(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.reserved.iter().map(|(&a, &s)| (a, s))
+    }
+
     /// Frees the allocation starting at `addr`; returns its (rounded) size, `None` if no allocation starts there.
+    /// An allocation inside a reservation leaves its range reserved.
     pub fn free(&mut self, addr: u64) -> Option<u64> {
         let size = self.live.remove(&addr)?;
         self.used -= size;
+        if self.reservation_of(addr, size).is_none() {
+            self.give_back(addr, size);
+        }
+        Some(size)
+    }
+
+    /// Returns `[addr, addr + size)` to the free ranges, coalescing.
+    fn give_back(&mut self, addr: u64, size: u64) {
         let mut start = addr;
         let mut len = size;
         if let Some((&ps, &pl)) = self.free.range(..addr).next_back() {
@@ -197,7 +277,6 @@ impl RangeAllocator {
             len += nl;
         }
         self.free.insert(start, len);
-        Some(size)
     }
 
     /// The (rounded) size of the allocation starting at `addr`.
@@ -224,8 +303,14 @@ impl RangeAllocator {
 
     /// Checks the internal invariants (tests and debug assertions).
     pub fn check_invariants(&self) {
-        let mut spans: Vec<(u64, u64, bool)> =
-            self.live.iter().map(|(&a, &s)| (a, s, true)).collect();
+        let mut spans: Vec<(u64, u64, bool)> = self
+            .live
+            .iter()
+            .filter(|(&a, &s)| self.reservation_of(a, s).is_none())
+            .map(|(&a, &s)| (a, s, true))
+            .collect();
+        // A reservation tiles like a live range; the allocations inside it are checked against it.
+        spans.extend(self.reserved.iter().map(|(&a, &s)| (a, s, true)));
         spans.extend(self.free.iter().map(|(&a, &s)| (a, s, false)));
         spans.sort();
         let mut cursor = self.base;
@@ -238,13 +323,18 @@ impl RangeAllocator {
             );
             assert!(s > 0 && s % self.align == 0);
             assert!(!prev_free || live, "adjacent free ranges must be coalesced");
-            if live {
+            if live && !self.reserved.contains_key(&a) {
                 used += s;
             }
             prev_free = !live;
             cursor = a + s;
         }
         assert_eq!(cursor, self.end());
+        for (&a, &s) in self.live.iter() {
+            if self.reservation_of(a, s).is_some() {
+                used += s;
+            }
+        }
         assert_eq!(used, self.used);
     }
 }
@@ -299,6 +389,36 @@ mod tests {
             Some(B + (5 << 20))
         );
         a.check_invariants();
+    }
+
+    #[test]
+    fn reservations_hold_address_space_until_given_back() {
+        let mut a = RangeAllocator::new(B, 1 << 30, 256);
+        let r = a.reserve(8 << 20, 2 << 20).unwrap();
+        assert_eq!(r % (2 << 20), 0);
+        assert_eq!(a.used(), 0, "a reservation commits nothing");
+        a.check_invariants();
+        // First fit skips the reservation.
+        let x = a.alloc(16 << 20).unwrap();
+        assert!(x >= r + (8 << 20) || x + (16 << 20) <= r);
+        // Mapping inside it: exact placement only, no overlap.
+        assert!(a.can_place_at(r + (2 << 20), 2 << 20));
+        assert!(a.alloc_at(r + (2 << 20), 2 << 20));
+        assert!(!a.alloc_at(r + (2 << 20), 2 << 20));
+        assert!(!a.alloc_at(r + (6 << 20), 4 << 20), "must not cross the reservation's end");
+        assert!(a.alloc_at(r, 2 << 20));
+        assert_eq!(a.used(), (16 << 20) + (4 << 20));
+        a.check_invariants();
+        assert_eq!(a.unreserve(r), None, "still mapped");
+        assert_eq!(a.free(r + (2 << 20)), Some(2 << 20));
+        assert_eq!(a.free(r), Some(2 << 20));
+        assert_eq!(a.reservation_of(r, 8 << 20), Some((r, 8 << 20)), "unmapping keeps the reservation");
+        a.check_invariants();
+        assert_eq!(a.unreserve(r), Some(8 << 20));
+        assert_eq!(a.unreserve(r), None);
+        a.free(x);
+        a.check_invariants();
+        assert_eq!(a.free_ranges().count(), 1, "everything coalesced back");
     }
 
     #[test]

@@ -113,6 +113,18 @@ pub trait Backend: Send + Sync {
     fn mem_free(&self, addr: u64) -> BResult<()>;
     /// (free, total) bytes.
     fn mem_info(&self) -> (u64, u64);
+    /// Reserves `bytes` of arena address space aligned to `align` (cuMemAddressReserve): nothing is committed and
+    /// first-fit allocations skip it; [`Backend::mem_alloc_at`] inside it commits memory there (cuMemMap), and
+    /// [`Backend::mem_free`] of such an allocation leaves the range reserved.
+    fn mem_reserve(&self, bytes: u64, align: u64) -> BResult<u64> {
+        let _ = (bytes, align);
+        Err(CuError::NOT_SUPPORTED)
+    }
+    /// Gives a reservation back (cuMemAddressFree); fails while memory is allocated inside it.
+    fn mem_unreserve(&self, addr: u64) -> BResult<()> {
+        let _ = addr;
+        Err(CuError::NOT_SUPPORTED)
+    }
 
     // ---- streams ----
     fn stream_create(&self, ctx: CtxId, flags: u32, priority: i32) -> BResult<StreamId>;

@@ -316,7 +316,19 @@ pub enum Request {
     NcclGroup { ops: Vec<crate::nccl::NcclOp> },
     /// -> Reply::Int (an ncclResult_t: 0, or 6 = ncclRemoteError once an operation failed)
     NcclCommGetAsyncError { comm: Handle },
+    /// cuMemAddressReserve: `bytes` of arena address space, nothing committed -> Reply::Ptr. `addr` is a hint
+    /// (ignored, as the driver may).
+    MemAddressReserve { bytes: u64, align: u64, addr: u64 },
+    /// cuMemAddressFree of a whole reservation (nothing may be mapped in it) -> Reply::Unit
+    MemAddressFree { ptr: u64 },
+    /// cuMemMap: `[ptr, ptr + bytes)` inside one reservation becomes a session allocation -> Reply::Unit
+    MemMap { ptr: u64, bytes: u64 },
+    /// cuMemUnmap: frees the mappings that `[ptr, ptr + bytes)` covers; the range stays reserved -> Reply::Unit
+    MemUnmap { ptr: u64, bytes: u64 },
 }
+
+/// The granularity of cuMemAddressReserve / cuMemCreate / cuMemMap (what an H100 reports).
+pub const VMM_GRANULARITY: u64 = 2 << 20;
 
 impl Request {
     /// Whether the client waits for a reply. Fire-and-forget requests return only a status; their error is deferred.
@@ -380,6 +392,10 @@ impl Request {
             Request::NcclCommDestroy { .. } => "NcclCommDestroy",
             Request::NcclGroup { .. } => "NcclGroup",
             Request::NcclCommGetAsyncError { .. } => "NcclCommGetAsyncError",
+            Request::MemAddressReserve { .. } => "MemAddressReserve",
+            Request::MemAddressFree { .. } => "MemAddressFree",
+            Request::MemMap { .. } => "MemMap",
+            Request::MemUnmap { .. } => "MemUnmap",
         }
     }
 }

@@ -359,6 +359,62 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
         Request::NcclCommGetAsyncError { comm } => {
             Reply::Int(if nccl_comm(s, comm)?.async_error().is_some() { 6 } else { 0 })
         }
+        Request::MemAddressReserve { bytes, align, addr: _ } => {
+            let g = crate::protocol::VMM_GRANULARITY;
+            if bytes == 0 || bytes & (g - 1) != 0 || (align != 0 && !align.is_power_of_two()) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let ptr = b.mem_reserve(bytes, align.max(g))?;
+            s.reservations.insert(ptr, bytes);
+            Reply::Ptr(ptr)
+        }
+        Request::MemAddressFree { ptr } => {
+            let bytes = *s.reservations.get(&ptr).ok_or(CuError::INVALID_VALUE)?;
+            if s.allocations.range(ptr..ptr + bytes).next().is_some() {
+                return Err(CuError::INVALID_VALUE);
+            }
+            b.mem_unreserve(ptr)?;
+            s.reservations.remove(&ptr);
+            Reply::Unit
+        }
+        Request::MemMap { ptr, bytes } => {
+            let g = crate::protocol::VMM_GRANULARITY;
+            let end = ptr.checked_add(bytes).ok_or(CuError::INVALID_VALUE)?;
+            let inside = s
+                .reservations
+                .range(..=ptr)
+                .next_back()
+                .is_some_and(|(base, len)| end <= base + len);
+            if bytes == 0 || ptr & (g - 1) != 0 || bytes & (g - 1) != 0 || !inside {
+                return Err(CuError::INVALID_VALUE);
+            }
+            b.mem_alloc_at(ptr, bytes)?;
+            s.allocations.insert(ptr, Allocation { bytes });
+            Reply::Unit
+        }
+        Request::MemUnmap { ptr, bytes } => {
+            let end = ptr.checked_add(bytes).ok_or(CuError::INVALID_VALUE)?;
+            let inside = s
+                .reservations
+                .range(..=ptr)
+                .next_back()
+                .is_some_and(|(base, len)| end <= base + len);
+            // The range must cover whole mappings, and at least one.
+            let maps: Vec<(u64, u64)> = s.allocations.range(ptr..end).map(|(&a, al)| (a, al.bytes)).collect();
+            let straddles = s
+                .allocations
+                .range(..ptr)
+                .next_back()
+                .is_some_and(|(&a, al)| a + al.bytes > ptr);
+            if bytes == 0 || !inside || maps.is_empty() || straddles || maps.iter().any(|&(a, l)| a + l > end) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            for (a, _) in maps {
+                b.mem_free(a)?;
+                s.allocations.remove(&a);
+            }
+            Reply::Unit
+        }
         Request::NcclGroup { ops } => {
             crate::nccl::barrier::before_group(s, seg, &ops);
             let mut items = Vec::with_capacity(ops.len());

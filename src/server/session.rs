@@ -63,6 +63,9 @@ pub struct SessionState {
     pub registered: Vec<HostSpan>,
     /// NCCL communicators by virtual handle (kept apart from `objects`: a checkpoint saves them per job).
     pub nccl: HashMap<Handle, Arc<crate::nccl::RankComm>>,
+    /// Address-space reservations (cuMemAddressReserve): base -> bytes. Mappings inside them are ordinary entries
+    /// of `allocations` (so checkpoints save them); the reservations themselves are not part of an image.
+    pub reservations: BTreeMap<u64, u64>,
     /// Requests to execute before the ring, once the process re-attaches: a restored rank's NCCL group that the job
     /// barrier held it in (taken from the ring, not yet executed; see `crate::nccl::state`).
     pub replay: Vec<crate::protocol::Request>,
@@ -85,6 +88,7 @@ impl SessionState {
             sticky: None,
             registered: Vec::new(),
             nccl: HashMap::new(),
+            reservations: BTreeMap::new(),
             replay: Vec::new(),
         })
     }
@@ -198,6 +202,11 @@ impl SessionState {
         for (addr, _) in std::mem::take(&mut self.allocations) {
             if let Err(e) = b.mem_free(addr) {
                 tracing::warn!("session teardown: freeing {addr:#x}: {e}");
+            }
+        }
+        for (addr, _) in std::mem::take(&mut self.reservations) {
+            if let Err(e) = b.mem_unreserve(addr) {
+                tracing::warn!("session teardown: releasing reservation {addr:#x}: {e}");
             }
         }
         for span in self.registered.drain(..) {

@@ -14,6 +14,7 @@
 //! | CONTEXT_CHECKS `263e8860…` | 4 | 2: "context is not wrapped" (writes 0); 3: returns 0 |
 //! | INTEGRITY_CHECK `d4082055…` | 3 | 1: the HMAC-MD2 answer cudart verifies (see [`integrity_hash`]) |
 //! | cuBLASLt `21318c60…` | 95 | 4: writes (arg0 != 0); 39: writes 0 to *arg2; others NOT_SUPPORTED, logged once |
+//! | CLUSTER_PROTOTYPE `1734dc26…` | 17 | function cluster attributes; see [`super::cluster`] |
 //!
 //! Any other UUID (including `f8cff951…`, asked before cuInit) is refused with CUDA_ERROR_INVALID_VALUE, as ZLUDA
 //! and the observed behaviour of cudart tolerate. Unknown slots never crash: each is its own function that logs
@@ -560,6 +561,7 @@ pub fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
         uuid::CONTEXT_CHECKS => CONTEXT_CHECKS.start(),
         uuid::INTEGRITY_CHECK => INTEGRITY_CHECK.start(),
         uuid::CUBLASLT => CUBLASLT.start(),
+        super::cluster::UUID => super::cluster::CLUSTER_PROTOTYPE.start(),
         _ => return None,
     })
 }

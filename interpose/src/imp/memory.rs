@@ -60,6 +60,16 @@ pub fn allocation_of(ptr: u64) -> Option<(u64, u64)> {
     (ptr < base + size.max(1)).then_some((base, size))
 }
 
+/// Records a device range the shim did not allocate through `alloc` (a cuMemMap mapping).
+pub fn track(base: u64, size: u64) {
+    ALLOCS.lock().insert(base, size);
+}
+
+/// Forgets a range recorded by [`track`].
+pub fn untrack(base: u64) {
+    ALLOCS.lock().remove(&base);
+}
+
 fn alloc(req: Request, bytes: usize, dptr: *mut CUdeviceptr) -> Result<(), CuError> {
     if dptr.is_null() || bytes == 0 {
         return Err(CuError::INVALID_VALUE);
@@ -94,14 +104,19 @@ pub unsafe fn cuMemAllocAsync(
     bytesize: usize,
     hStream: CUstream,
 ) -> CUresult {
-    ret(alloc(
+    let r = alloc(
         Request::MemAllocAsync {
             bytes: bytesize as u64,
             stream: stream_handle(hStream),
         },
         bytesize,
         dptr,
-    ))
+    );
+    if r.is_ok() {
+        // SAFETY: `alloc` succeeded, so `dptr` is non-null and was just written.
+        super::pool::note_alloc(unsafe { dptr.read() }, bytesize as u64);
+    }
+    ret(r)
 }
 
 /// # Safety
@@ -113,6 +128,7 @@ pub unsafe fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
         }
         c.call(&Request::MemFree { ptr: dptr })?;
         ALLOCS.lock().remove(&dptr);
+        super::pool::note_free(dptr);
         Ok(())
     }))
 }
@@ -126,6 +142,7 @@ pub unsafe fn cuMemFreeAsync(dptr: CUdeviceptr, hStream: CUstream) -> CUresult {
             stream: stream_handle(hStream),
         })?;
         ALLOCS.lock().remove(&dptr);
+        super::pool::note_free(dptr);
         Ok(())
     }))
 }

@@ -8,6 +8,7 @@
 //! crosses the process boundary; only device work goes to the server.
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
+pub mod cluster;
 pub mod context;
 pub mod dark;
 pub mod device;
@@ -19,7 +20,9 @@ pub mod library;
 pub mod memory;
 pub mod module;
 pub mod nccl;
+pub mod pool;
 pub mod stream;
+pub mod vmm;
 
 pub use context::*;
 pub use dark::cuGetExportTable;
@@ -31,7 +34,9 @@ pub use launch::*;
 pub use library::*;
 pub use memory::*;
 pub use module::*;
+pub use pool::*;
 pub use stream::*;
+pub use vmm::*;
 
 use cudarc::driver::sys::{CUresult, CUstream};
 use devproxy::client::Client;

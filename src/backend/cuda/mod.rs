@@ -749,6 +749,14 @@ impl Backend for CudaBackend {
         arena.free(addr).map(|_| ())
     }
 
+    fn mem_reserve(&self, bytes: u64, align: u64) -> BResult<u64> {
+        self.arena.lock().reserve(bytes, align)
+    }
+
+    fn mem_unreserve(&self, addr: u64) -> BResult<()> {
+        self.arena.lock().unreserve(addr)
+    }
+
     fn mem_info(&self) -> (u64, u64) {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: valid out-pointers.

@@ -122,11 +122,7 @@ impl<M: Mapper> VmmArena<M> {
         let size = bytes
             .checked_next_multiple_of(256)
             .ok_or(CuError::INVALID_VALUE)?;
-        if self
-            .allocs
-            .find_free(size, 256, addr, addr.saturating_add(size))
-            != Some(addr)
-        {
+        if !self.allocs.can_place_at(addr, size) {
             return Err(CuError::INVALID_VALUE);
         }
         self.place(addr, size)?;
@@ -139,6 +135,22 @@ impl<M: Mapper> VmmArena<M> {
             }
         }
         Ok(())
+    }
+
+    /// Reserves granularity-aligned address space (cuMemAddressReserve): maps nothing; `alloc_at` inside it maps
+    /// the granules it touches (cuMemMap), `free` unmaps them and leaves the range reserved.
+    pub fn reserve(&mut self, bytes: u64, align: u64) -> BResult<u64> {
+        if bytes == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let size = bytes.checked_next_multiple_of(self.gran).ok_or(CuError::OUT_OF_MEMORY)?;
+        let align = align.max(self.gran).checked_next_power_of_two().ok_or(CuError::INVALID_VALUE)?;
+        self.allocs.reserve(size, align).ok_or(CuError::OUT_OF_MEMORY)
+    }
+
+    /// Gives a reservation back; INVALID_VALUE if none starts at `addr` or memory is still mapped inside it.
+    pub fn unreserve(&mut self, addr: u64) -> BResult<()> {
+        self.allocs.unreserve(addr).map(|_| ()).ok_or(CuError::INVALID_VALUE)
     }
 
     /// Records `[addr, addr + size)` (known free) and maps what it touches.
@@ -303,6 +315,30 @@ mod tests {
             }
         }
         assert_eq!(a.mapper.mapped.len(), a.chunks.len());
+    }
+
+    #[test]
+    fn reservation_maps_only_what_is_mapped() {
+        let mut a = arena(1);
+        let r = a.reserve(5 << 20, 0).unwrap();
+        assert_eq!(r % G, 0);
+        assert_eq!(a.mapped_bytes(), 0, "a reservation maps nothing");
+        // Ordinary allocations go around it.
+        let big = a.alloc(G).unwrap();
+        assert!(big >= r + 3 * G || big + G <= r);
+        a.alloc_at(r + G, G).unwrap();
+        assert_eq!(a.mapped_bytes(), 2 * G);
+        assert_eq!(a.alloc_at(r + G, G), Err(CuError::INVALID_VALUE));
+        check(&a);
+        assert_eq!(a.unreserve(r), Err(CuError::INVALID_VALUE), "still mapped");
+        a.free(r + G).unwrap();
+        assert_eq!(a.mapped_bytes(), G);
+        a.alloc_at(r, 2 * G).unwrap();
+        a.free(r).unwrap();
+        a.unreserve(r).unwrap();
+        a.free(big).unwrap();
+        assert_eq!(a.mapped_bytes(), 0);
+        check(&a);
     }
 
     #[test]

@@ -110,6 +110,20 @@ impl Arena {
         Ok(())
     }
 
+    /// Reserves address space (see [`crate::backend::Backend::mem_reserve`]).
+    pub fn reserve(&self, bytes: u64, align: u64) -> Result<u64, CuError> {
+        if bytes == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let align = align.max(ALLOC_ALIGN).checked_next_power_of_two().ok_or(CuError::INVALID_VALUE)?;
+        self.table.write().ranges.reserve(bytes, align).ok_or(CuError::OUT_OF_MEMORY)
+    }
+
+    /// Gives a reservation back; INVALID_VALUE if none starts at `addr` or memory is still allocated inside it.
+    pub fn unreserve(&self, addr: u64) -> Result<(), CuError> {
+        self.table.write().ranges.unreserve(addr).map(|_| ()).ok_or(CuError::INVALID_VALUE)
+    }
+
     /// Frees the allocation starting at `addr`; returns its size. Large ranges go back to the OS.
     pub fn free(&self, addr: u64) -> Result<u64, CuError> {
         let mut t = self.table.write();

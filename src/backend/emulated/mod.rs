@@ -359,6 +359,14 @@ impl Backend for EmulatedBackend {
         self.arena.info()
     }
 
+    fn mem_reserve(&self, bytes: u64, align: u64) -> BResult<u64> {
+        self.arena.reserve(bytes, align)
+    }
+
+    fn mem_unreserve(&self, addr: u64) -> BResult<()> {
+        self.arena.unreserve(addr)
+    }
+
     fn stream_create(&self, ctx: CtxId, flags: u32, _priority: i32) -> BResult<StreamId> {
         if flags & !stream::STREAM_NON_BLOCKING != 0 {
             return Err(CuError::INVALID_VALUE);
