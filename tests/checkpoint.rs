@@ -324,6 +324,8 @@ fn checkpoint_stop_kill_server_restore_gives_identical_output() {
         "--stop",
     ]);
     assert!(s.contains("checkpoint of pid") && s.contains("GB/s"), "{s}");
+    // Lines printed before the barrier may still be on their way through the pipe: let them settle first.
+    std::thread::sleep(Duration::from_millis(300));
     let at = run.stdout();
     env.kill(srv);
     std::thread::sleep(Duration::from_millis(300));
@@ -405,6 +407,8 @@ fn suspend_frees_the_device_and_resume_continues() {
     assert_eq!(rows[0].state, "paused");
     let ps = env.ok(&["ps", "--server", a.to_str().unwrap()]);
     assert!(ps.contains(" 0 B "), "{ps}");
+    // Lines printed before the barrier may still be on their way through the pipe: let them settle first.
+    std::thread::sleep(Duration::from_millis(300));
     let at = run.stdout();
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(run.stdout(), at, "the process ran on while suspended");
@@ -511,6 +515,8 @@ fn damaged_images_are_refused_and_the_process_waits_for_a_good_one() {
         "--stop",
     ]);
     env.kill(srv);
+    // Lines printed before the barrier may still be on their way through the pipe: let them settle first.
+    std::thread::sleep(Duration::from_millis(300));
     let at = run.stdout();
     let loaded = LoadedImage::open(&img).unwrap();
     let (mo, bo, bl) = (

@@ -185,10 +185,10 @@ fn job_checkpoint_stops_all_ranks_before_one_collective_and_they_continue_identi
 fn a_rank_that_dies_during_the_barrier_is_named_and_the_others_are_released() {
     let mut sb = Sandbox::new();
     let servers = vec![sb.serve("a", &[]), sb.serve("b", &[])];
-    // Rank 1 is slow (long steps), so the barrier is still waiting for it when it dies.
+    // Rank 1 is slow (30 s between steps), so the barrier is still waiting for it when it dies 0.5 s in.
     let mut kids: Vec<Child> = (0..2)
         .map(|r| {
-            let delay = if r == 1 { "1500" } else { "0" };
+            let delay = if r == 1 { "30000" } else { "0" };
             spawn_rank(&sb, Some(&servers[r]), 2, r, &["--step-delay-ms", delay])
         })
         .collect();
