@@ -21,7 +21,7 @@ mod mlp;
 
 use cudarc::driver::CudaContext;
 use cudarc::nccl::{Comm, Id, ReduceOp};
-use mlp::{Data, N, NP};
+use mlp::{Data, NP};
 use std::path::Path;
 
 struct Config {
@@ -35,7 +35,7 @@ struct Config {
 
 /// First sample of `rank`'s shard at `step`.
 fn offset(cfg: &Config, step: usize, rank: usize) -> usize {
-    ((step * cfg.ranks + rank) * cfg.batch) % N
+    mlp::batch_offset(step * cfg.ranks + rank, cfg.batch)
 }
 
 /// Every rank's step on the CPU, operation for operation as the kernels, with the gradients averaged as `ncclAvg`.

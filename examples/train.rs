@@ -50,7 +50,7 @@ fn cpu_train(cfg: &Config, d: &Data, mut log: impl FnMut(usize, f32)) -> Vec<f32
     let mut p = d.p.clone();
     let mut c = mlp::Cpu::new(b_n);
     for step in 0..cfg.steps {
-        c.gradient(d, &p, (step * b_n) % N);
+        c.gradient(d, &p, mlp::batch_offset(step, b_n));
         mlp::sgd(&mut p, &c.g, cfg.lr);
         if step % cfg.log_every == 0 || step + 1 == cfg.steps {
             // loss_mean's tree, over 256 slots.
@@ -91,7 +91,7 @@ fn device_train(
     let mut loss = stream.alloc_zeros::<f32>(1).map_err(e("alloc loss mean"))?;
     let bn = b_n as u32;
     for step in 0..cfg.steps {
-        gpu.gradient((step * b_n) % N)?;
+        gpu.gradient(mlp::batch_offset(step, b_n))?;
         gpu.sgd(cfg.lr)?;
         if step % cfg.log_every == 0 || step + 1 == cfg.steps {
             // SAFETY: loss_mean(const float*, float*, unsigned) with a 256-thread block and B <= 256.

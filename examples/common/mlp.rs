@@ -304,3 +304,9 @@ impl Gpu {
         Ok(())
     }
 }
+
+/// Where the `k`-th batch of `batch` samples starts: batches wrap around the data set without ever running past its
+/// end (when `batch` divides `N`, this is simply `k * batch % N`).
+pub fn batch_offset(k: usize, batch: usize) -> usize {
+    (k * batch) % (N / batch * batch)
+}

@@ -72,8 +72,15 @@ impl SessionShared {
     ) -> Result<T, String> {
         let slot = Arc::new((Mutex::new(None::<T>), Condvar::new()));
         let s2 = slot.clone();
+        let me = self.clone();
         self.jobs.lock().push(Box::new(move |st, seg| {
             let (v, outcome) = job(st, seg);
+            if outcome == JobOutcome::Pause {
+                // Paused before the caller hears back, so whatever it does next (ps, resume) sees the session
+                // paused; a stale resume is cleared first, so a resume sent from now on counts.
+                me.resume.store(false, Ordering::Release);
+                me.set_phase(Phase::Paused);
+            }
             *s2.0.lock() = Some(v);
             s2.1.notify_all();
             outcome
@@ -451,9 +458,7 @@ impl Server {
                         break 'outer;
                     }
                     JobOutcome::Pause => {
-                        // Clear a stale resume first: one sent as soon as the phase reads Paused must count.
-                        sh.resume.store(false, Ordering::Release);
-                        sh.set_phase(Phase::Paused);
+                        // run_job already cleared a stale resume and set the phase to Paused.
                         tracing::info!(
                             "session {}: paused at call {}",
                             sh.id,
