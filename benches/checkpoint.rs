@@ -58,6 +58,7 @@ fn main() {
         device: 0,
         arena_bytes: (max + 1) * GIB,
         threads: 0,
+        ..Default::default()
     };
     // DEVPROXY_BENCH_BACKEND=cuda measures the real device (gpu/check.sh or a GPU host); default: emulated.
     let backend: Arc<dyn Backend> = match std::env::var("DEVPROXY_BENCH_BACKEND").as_deref() {

@@ -6,6 +6,10 @@
 //! no memory is touched, so the same placement decisions can be replayed in another process (restore re-creates
 //! exactly the same addresses with `alloc_at`).
 //!
+//! The range is address space; what live allocations may hold in all is a separate *limit* (the device's memory,
+//! [`RangeAllocator::set_limit`], by default the whole range): reservations take address space only, allocations
+//! (also those placed inside reservations) count against the limit.
+//!
 //! Every size is rounded up to the allocator's alignment; the rounded size is what [`RangeAllocator::size_of`] and
 //! [`RangeAllocator::free`] report. Lookups are `O(log n)` (two `BTreeMap`s: live allocations by address, free
 //! ranges by address); first-fit placement scans the free ranges in address order.
@@ -26,6 +30,8 @@ pub struct RangeAllocator {
     /// Free ranges, coalesced (no two adjacent): start -> length.
     free: BTreeMap<u64, u64>,
     used: u64,
+    /// Most bytes live allocations may hold in all (the device's memory); by default the whole range.
+    limit: u64,
     /// Reserved ranges (cuMemAddressReserve): out of `free`, not counted in `used`; live allocations may be placed
     /// inside one only with [`RangeAllocator::alloc_at`], and freeing them leaves the range reserved.
     reserved: BTreeMap<u64, u64>,
@@ -59,6 +65,7 @@ impl RangeAllocator {
             live: BTreeMap::new(),
             free,
             used: 0,
+            limit: size,
             reserved: BTreeMap::new(),
         }
     }
@@ -79,9 +86,24 @@ impl RangeAllocator {
     pub fn used(&self) -> u64 {
         self.used
     }
-    /// Bytes not held by any allocation.
+    /// Bytes live allocations may still take (the limit less what they hold).
     pub fn free_bytes(&self) -> u64 {
-        self.size - self.used
+        self.limit.saturating_sub(self.used)
+    }
+    /// Caps what live allocations may hold in all (the device's memory), below the address range's size.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+    }
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+    /// Whether `size` more bytes (already rounded) stay within the limit.
+    fn fits(&self, size: u64) -> bool {
+        self.used.checked_add(size).is_some_and(|u| u <= self.limit)
+    }
+    /// Whether an allocation of `bytes` (rounded) would stay within the limit, wherever it is placed.
+    pub fn fits_limit(&self, bytes: u64) -> bool {
+        self.rounded(bytes).is_some_and(|size| self.fits(size))
     }
     /// Number of live allocations.
     pub fn len(&self) -> usize {
@@ -105,9 +127,12 @@ impl RangeAllocator {
         self.alloc_within(bytes, align, self.base, self.end())
     }
 
-    /// First-fit allocation inside `[lo, hi)`.
+    /// First-fit allocation inside `[lo, hi)`; `None` also past the limit.
     pub fn alloc_within(&mut self, bytes: u64, align: u64, lo: u64, hi: u64) -> Option<u64> {
         let size = self.rounded(bytes)?;
+        if !self.fits(size) {
+            return None;
+        }
         let addr = self.find_free(size, align, lo, hi)?;
         self.take(addr, size);
         self.live.insert(addr, size);
@@ -147,13 +172,13 @@ impl RangeAllocator {
         None
     }
 
-    /// Allocates exactly `[addr, addr + bytes)` (rounded); `false` if `addr` is misaligned, outside the range, or
-    /// any of it is taken.
+    /// Allocates exactly `[addr, addr + bytes)` (rounded); `false` if `addr` is misaligned, outside the range, any
+    /// of it is taken, or it would pass the limit.
     pub fn alloc_at(&mut self, addr: u64, bytes: u64) -> bool {
         let Some(size) = self.rounded(bytes) else {
             return false;
         };
-        if size == 0 || addr % self.align != 0 || addr < self.base {
+        if size == 0 || addr % self.align != 0 || addr < self.base || !self.fits(size) {
             return false;
         }
         match addr.checked_add(size) {
@@ -197,7 +222,7 @@ impl RangeAllocator {
         let Some(size) = self.rounded(bytes) else {
             return false;
         };
-        if size == 0 || addr % self.align != 0 || addr < self.base {
+        if size == 0 || addr % self.align != 0 || addr < self.base || !self.fits(size) {
             return false;
         }
         match addr.checked_add(size) {
@@ -336,6 +361,7 @@ impl RangeAllocator {
             }
         }
         assert_eq!(used, self.used);
+        assert!(self.used <= self.limit, "live allocations exceed the limit");
     }
 }
 
@@ -419,6 +445,28 @@ mod tests {
         a.free(x);
         a.check_invariants();
         assert_eq!(a.free_ranges().count(), 1, "everything coalesced back");
+    }
+
+    #[test]
+    fn the_limit_caps_allocations_not_reservations() {
+        // 1 MiB of memory in 4 MiB of address space.
+        let mut a = RangeAllocator::new(B, 4 << 20, 256);
+        a.set_limit(1 << 20);
+        assert_eq!(a.free_bytes(), 1 << 20);
+        let r = a.reserve(3 << 20, 1 << 20).unwrap();
+        assert_eq!(a.free_bytes(), 1 << 20, "a reservation takes no memory");
+        let x = a.alloc(512 << 10).unwrap();
+        assert!(a.alloc(768 << 10).is_none(), "past the limit, though address space is free");
+        assert!(!a.can_place_at(r, 768 << 10));
+        assert!(!a.alloc_at(r, 768 << 10), "mapping inside a reservation counts too");
+        assert!(a.alloc_at(r + (2 << 20), 512 << 10));
+        assert_eq!(a.free_bytes(), 0);
+        assert!(!a.fits_limit(1));
+        a.check_invariants();
+        a.free(x);
+        assert!(a.fits_limit(512 << 10));
+        assert!(a.alloc(512 << 10).is_some());
+        a.check_invariants();
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! their failures surface from the next operation that observes completion of that stream (synchronize, query,
 //! event synchronize), as on a GPU. Device pointers are plain `u64` addresses inside the arena
 //! ([`DeviceInfo::arena_base`](crate::protocol::DeviceInfo)); the backend never hands out memory outside it.
+//!
+//! The arena's *address space* ([`DeviceInfo::arena_bytes`](crate::protocol::DeviceInfo), [`arena_space`]) is larger
+//! than the device's *memory* ([`DeviceInfo::total_mem`](crate::protocol::DeviceInfo)): allocations, VMM mappings
+//! included, are capped by the memory, reservations ([`Backend::mem_reserve`]) only by the address space.
 
 pub mod arena;
 pub mod cuda;
@@ -230,8 +234,14 @@ impl std::str::FromStr for BackendKind {
 #[derive(Clone, Debug, Default)]
 pub struct BackendOptions {
     pub device: u32,
-    /// Arena size in bytes; 0 = the backend's default (the device's memory size).
+    /// The device's memory in bytes (`devproxy serve --arena-gib`): what allocations may commit in all, and what
+    /// `total_mem` / `mem_info` report; 0 = the backend's default (emulated: 16 GiB; cuda: the device's memory).
     pub arena_bytes: u64,
+    /// The arena's address space in bytes; 0 = [`ARENA_SPACE_FACTOR`] times the memory. Only address space: the
+    /// emulated backend maps it `MAP_NORESERVE`, the cuda backend reserves it with cuMemAddressReserve. It is larger
+    /// than the memory because programs reserve more address space than they map (PyTorch's expandable segments
+    /// reserve 1.125x the device's memory, twice), as a real driver's virtual address space allows.
+    pub arena_space: u64,
     /// Host threads the emulated device runs kernels on; 0 = available parallelism.
     pub threads: usize,
 }
@@ -239,6 +249,21 @@ pub struct BackendOptions {
 /// The fixed base of the device arena, the same in every server process so pointers survive restore
 /// (0x7e00_0000_0000 was honoured by cuMemAddressReserve on the H100 host, also in a fresh process).
 pub const ARENA_BASE: u64 = 0x7e00_0000_0000;
+
+/// The arena's address space over the device's memory, when [`BackendOptions::arena_space`] names none
+/// (4 x 80 GiB = 320 GiB ends at 0x7e50_0000_0000).
+pub const ARENA_SPACE_FACTOR: u64 = 4;
+
+/// No arena extends past this address (the top of the x86-64/aarch64 48-bit user half): the bound images are
+/// validated against, whatever address space the server that wrote them had.
+pub const ARENA_LIMIT: u64 = 0x8000_0000_0000;
+
+/// The arena's address space for `memory` bytes of device memory: `opts.arena_space`, or [`ARENA_SPACE_FACTOR`] times
+/// the memory; never less than the memory, rounded up to `align` (a power of two).
+pub fn arena_space(opts: &BackendOptions, memory: u64, align: u64) -> u64 {
+    let want = if opts.arena_space > 0 { opts.arena_space } else { memory.saturating_mul(ARENA_SPACE_FACTOR) };
+    want.max(memory).next_multiple_of(align)
+}
 
 /// Creates a backend of the given kind.
 pub fn create(kind: BackendKind, opts: &BackendOptions) -> Result<Arc<dyn Backend>, String> {

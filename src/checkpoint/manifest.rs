@@ -20,7 +20,8 @@ pub const MAX_OBJECTS: usize = 1 << 20;
 /// Most blob regions per image.
 pub const MAX_REGIONS: usize = 1 << 22;
 
-/// The device an image was taken on. Restore requires the same arena (base and size): every device pointer lives in it.
+/// The device an image was taken on. Restore requires the same arena base (every device pointer lives in the arena)
+/// and the same memory size.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 pub struct DeviceImage {
     pub backend: String,
@@ -29,7 +30,16 @@ pub struct DeviceImage {
     pub uuid: [u8; 16],
     pub total_mem: u64,
     pub arena_base: u64,
+    /// The device's memory, rounded up to 2 MiB ([`memory_key`]): the size `devproxy serve --arena-gib` names and
+    /// restore compares. Not the arena's address space (`DeviceInfo::arena_bytes`, several times larger since
+    /// address space and memory were separated; the image does not record it). Images written before held the
+    /// arena's size here, which then was the memory rounded the same way, so they compare alike.
     pub arena_bytes: u64,
+}
+
+/// The memory size an image records and restore compares: `total_mem` rounded up to 2 MiB (the arenas' granularity).
+pub fn memory_key(total_mem: u64) -> u64 {
+    total_mem.next_multiple_of(2 << 20)
 }
 
 impl DeviceImage {
@@ -41,18 +51,21 @@ impl DeviceImage {
             uuid: info.uuid,
             total_mem: info.total_mem,
             arena_base: info.arena_base,
-            arena_bytes: info.arena_bytes,
+            arena_bytes: memory_key(info.total_mem),
         }
     }
 
-    /// Whether state saved on `self` can be restored on `here`.
+    /// Whether state saved on `self` can be restored on `here`: the same arena base and memory size. (An allocation
+    /// or mapping outside `here`'s address space, from a server configured with a larger one, fails when it is
+    /// placed.)
     pub fn check_compatible(&self, here: &DeviceInfo) -> Result<(), CheckpointError> {
-        if self.arena_base != here.arena_base || self.arena_bytes != here.arena_bytes {
+        let here_bytes = memory_key(here.total_mem);
+        if self.arena_base != here.arena_base || self.arena_bytes != here_bytes {
             return Err(CheckpointError::Device {
                 image_base: self.arena_base,
                 image_bytes: self.arena_bytes,
                 here_base: here.arena_base,
-                here_bytes: here.arena_bytes,
+                here_bytes,
             });
         }
         if self.backend != here.backend {
@@ -218,11 +231,14 @@ impl Manifest {
                 "the regions add up to {sum} bytes but the blob is {blob_len} bytes"
             ));
         }
+        // The address space is not recorded: any address from the base to the highest an arena may reach.
         let arena = (
             self.device.arena_base,
-            self.device
-                .arena_base
-                .saturating_add(self.device.arena_bytes),
+            crate::backend::ARENA_LIMIT.max(
+                self.device
+                    .arena_base
+                    .saturating_add(self.device.arena_bytes),
+            ),
         );
         for (i, s) in self.sessions.iter().enumerate() {
             let st = &s.state;
@@ -509,8 +525,8 @@ fn rebuild(
     Ok(())
 }
 
-/// Makes a reloaded module's variables land where they were: while the module loads, every free arena range the
-/// session does not need is held by a filler allocation, so the backend's first-fit placement can only use the
+/// Makes a reloaded module's variables land where they were: while the module loads, every free arena range below
+/// the last variable that the session does not need is held by a filler allocation, so the backend's first-fit placement can only use the
 /// variables' old ranges. Only for variables inside the arena (the emulated device places them there; a real driver
 /// places them itself, and they are then rebound by name, see `place_globals`). Returns the fillers to free.
 fn reserve_around(b: &Arc<dyn Backend>, s: &SessionState, globals: &[&GlobalImage]) -> Vec<u64> {
@@ -539,11 +555,15 @@ fn reserve_around(b: &Arc<dyn Backend>, s: &SessionState, globals: &[&GlobalImag
             }
         }
     }
+    // First fit takes the lowest range that fits, so only the gaps below the last variable need filling (fillers
+    // count against the device's memory, which is smaller than the address space).
+    let last = keep.iter().map(|&(_, e)| e).max().unwrap_or(base).min(end);
     taken.extend(keep.iter().copied());
+    taken.retain(|&(a, _)| a < last);
     taken.sort();
     let mut fillers = Vec::new();
     let mut cursor = base;
-    for (a, e) in taken.into_iter().chain(std::iter::once((end, end))) {
+    for (a, e) in taken.into_iter().chain(std::iter::once((last, last))) {
         if a > cursor && b.mem_alloc_at(cursor, a - cursor).is_ok() {
             fillers.push(cursor);
         }

@@ -79,7 +79,7 @@ pub enum CheckpointError {
     },
     #[error("{path}: invalid image: {why}")]
     Invalid { path: String, why: String },
-    #[error("the image is from a device with a {} arena at {image_base:#x}, this server's device has a {} arena at {here_base:#x}: restore on a server with the same arena size (devproxy serve --arena-gib {})",
+    #[error("the image is from a device with a {} arena (its memory size) at {image_base:#x}, this server's device has a {} arena at {here_base:#x}: restore on a server with the same memory size and arena base (devproxy serve --arena-gib {})",
         crate::control::human_bytes(*image_bytes), crate::control::human_bytes(*here_bytes), image_bytes >> 30)]
     Device {
         image_base: u64,

@@ -1063,7 +1063,7 @@ pub fn describe(img: &LoadedImage) -> String {
     let d = &m.device;
     let _ = writeln!(
         o,
-        "  device      {} '{}' #{}, arena {} at {:#x}",
+        "  device      {} '{}' #{}, memory {}, arena at {:#x}",
         d.backend,
         d.name,
         d.ordinal,

@@ -43,6 +43,7 @@ fn backend() -> Arc<dyn Backend> {
         device: 0,
         arena_bytes: 1 << 30,
         threads: 2,
+        ..Default::default()
     };
     Arc::new(EmulatedBackend::new_for_tests(&opts).expect("emulated backend"))
 }

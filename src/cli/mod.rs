@@ -30,9 +30,14 @@ pub enum Command {
         /// Socket path (default: $XDG_RUNTIME_DIR/devproxy/dev<N>.sock or /tmp/devproxy-<uid>/dev<N>.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Device arena size in GiB (emulated: host memory reserved lazily).
-        #[arg(long)]
+        /// The device's memory in GiB: what allocations may commit in all, and what cuDeviceTotalMem reports
+        /// (default: emulated 16, cuda the device's; emulated: host memory is taken lazily). Restore needs the same.
+        #[arg(long, visible_alias = "memory-gib")]
         arena_gib: Option<u64>,
+        /// The arena's address space in GiB (default: 4 times the memory): room for cuMemAddressReserve, e.g.
+        /// PyTorch's expandable segments. Only address space, nothing is committed.
+        #[arg(long)]
+        arena_space_gib: Option<u64>,
     },
     /// Run a command with the shim in front of the CUDA driver.
     Run {
@@ -140,11 +145,22 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Picks and creates the backend, saying loudly which one runs.
+/// Picks and creates the backend, saying loudly which one runs. `arena_gib`: the device's memory in GiB (None: the
+/// backend's default); the address space is the default multiple of it.
 pub fn make_backend(
     kind: Option<BackendKind>,
     device: u32,
     arena_gib: Option<u64>,
+) -> Result<std::sync::Arc<dyn backend::Backend>, String> {
+    make_backend_with(kind, device, arena_gib, None)
+}
+
+/// [`make_backend`] with the arena's address space in GiB (None: the default multiple of the memory).
+pub fn make_backend_with(
+    kind: Option<BackendKind>,
+    device: u32,
+    arena_gib: Option<u64>,
+    arena_space_gib: Option<u64>,
 ) -> Result<std::sync::Arc<dyn backend::Backend>, String> {
     let kind = match kind {
         Some(k) => k,
@@ -157,15 +173,17 @@ pub fn make_backend(
     let opts = BackendOptions {
         device,
         arena_bytes: arena_gib.unwrap_or(0) << 30,
+        arena_space: arena_space_gib.unwrap_or(0) << 30,
         threads: 0,
     };
     let b = backend::create(kind, &opts)?;
     let info = b.info();
     tracing::info!(
-        "devproxy backend {}: device {} '{}', {} arena at {:#x}",
+        "devproxy backend {}: device {} '{}', {} of memory, {} arena (address space) at {:#x}",
         info.backend,
         device,
         info.name,
+        control::human_bytes(info.total_mem),
         control::human_bytes(info.arena_bytes),
         info.arena_base
     );
@@ -186,7 +204,8 @@ pub fn main(cli: Cli) -> i32 {
             device,
             socket,
             arena_gib,
-        } => serve(backend, device, socket, arena_gib),
+            arena_space_gib,
+        } => serve(backend, device, socket, arena_gib, arena_space_gib),
         Command::Run {
             server,
             backend,
@@ -284,8 +303,9 @@ pub fn serve(
     device: u32,
     socket: Option<PathBuf>,
     arena_gib: Option<u64>,
+    arena_space_gib: Option<u64>,
 ) -> Result<(), String> {
-    let b = make_backend(kind, device, arena_gib)?;
+    let b = make_backend_with(kind, device, arena_gib, arena_space_gib)?;
     let socket = socket.unwrap_or_else(|| server::default_socket(device));
     let srv = Server::new(
         b,

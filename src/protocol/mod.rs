@@ -129,6 +129,7 @@ pub struct DeviceInfo {
     pub ordinal: u32,
     pub name: String,
     pub uuid: [u8; 16],
+    /// The device's memory (cuDeviceTotalMem): what allocations may commit in all.
     pub total_mem: u64,
     /// `attributes[i]` is the value of CUdevice_attribute `i + 1`; `None` where the driver rejects it.
     pub attributes: Vec<Option<i32>>,
@@ -136,6 +137,7 @@ pub struct DeviceInfo {
     pub driver_version: i32,
     /// The fixed arena every device pointer lives in.
     pub arena_base: u64,
+    /// The arena's address space (larger than `total_mem`: reservations take address space, not memory).
     pub arena_bytes: u64,
 }
 

@@ -19,7 +19,9 @@
 //! happens only when the other side has new work since the last join, so a session using only `D` (or only
 //! non-blocking streams) pays nothing.
 //!
-//! **Memory**: a fixed VMM arena at [`ARENA_BASE`], see [`vmm`]. `mem_free` synchronizes the device (as cuMemFree
+//! **Memory**: a fixed VMM arena at [`ARENA_BASE`], see [`vmm`]. The arena reserves address space
+//! ([`super::arena_space`], 4x the memory by default, for programs' own cuMemAddressReserve); allocations are capped
+//! by the memory (the device's, or `--arena-gib`), which `total_mem` and `mem_info` report. `mem_free` synchronizes the device (as cuMemFree
 //! does) before unmapping. Pointers outside the arena are never handed out.
 //!
 //! **Copies**: pinned spans are DMA'd in stream order; transient ones go through [`staging`] (bounce ring for small
@@ -436,12 +438,18 @@ impl CudaBackend {
         })
         .map_err(|e| release(format!("cuMemGetAllocationGranularity: {e}")))?;
         let gran = (gran as u64).max(2 << 20).next_power_of_two();
-        let want = if opts.arena_bytes > 0 {
+        let memory = if opts.arena_bytes > 0 {
+            if opts.arena_bytes > total as u64 {
+                tracing::warn!(
+                    "--arena-gib asks for {} bytes of memory, the device has {total}: allocations past that fail",
+                    opts.arena_bytes
+                );
+            }
             opts.arena_bytes
         } else {
             total as u64
         };
-        let size = want.next_multiple_of(gran);
+        let size = super::arena_space(opts, memory, gran);
         let mut got: sys::CUdeviceptr = 0;
         // SAFETY: valid out-pointer; ARENA_BASE is only a hint to the driver.
         ck(unsafe {
@@ -469,7 +477,7 @@ impl CudaBackend {
             ordinal: opts.device,
             name,
             uuid: uuid.bytes.map(|b| b as u8),
-            total_mem: total as u64,
+            total_mem: memory,
             attributes,
             driver_version,
             arena_base: ARENA_BASE,
@@ -482,12 +490,11 @@ impl CudaBackend {
             generation,
             raw,
             next_id: AtomicU64::new(1),
-            arena: Mutex::new(VmmArena::new(
-                ARENA_BASE,
-                size,
-                gran,
-                CudaMapper { device: dev },
-            )),
+            arena: Mutex::new({
+                let mut a = VmmArena::new(ARENA_BASE, size, gran, CudaMapper { device: dev });
+                a.set_limit(memory.next_multiple_of(gran));
+                a
+            }),
             arena_reserved: size,
             sessions: RwLock::default(),
             streams: RwLock::default(),
@@ -767,7 +774,7 @@ impl Backend for CudaBackend {
         }
         let arena = self.arena.lock();
         let arena_free = arena.allocator().free_bytes();
-        ((free as u64).min(arena_free), total as u64)
+        ((free as u64).min(arena_free), self.info.total_mem)
     }
 
     fn stream_create(&self, ctx: CtxId, flags: u32, priority: i32) -> BResult<StreamId> {

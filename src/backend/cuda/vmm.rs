@@ -63,6 +63,11 @@ impl<M: Mapper> VmmArena<M> {
         }
     }
 
+    /// Caps what live allocations may hold in all (the device's memory; the arena is address space).
+    pub fn set_limit(&mut self, bytes: u64) {
+        self.allocs.set_limit(bytes);
+    }
+
     pub fn granularity(&self) -> u64 {
         self.gran
     }
@@ -85,6 +90,9 @@ impl<M: Mapper> VmmArena<M> {
     pub fn alloc(&mut self, bytes: u64) -> BResult<u64> {
         if bytes == 0 {
             return Err(CuError::INVALID_VALUE);
+        }
+        if !self.allocs.fits_limit(bytes) {
+            return Err(CuError::OUT_OF_MEMORY);
         }
         let (lo, hi) = (self.allocs.base(), self.allocs.end());
         if self.is_large(bytes) {
@@ -122,6 +130,9 @@ impl<M: Mapper> VmmArena<M> {
         let size = bytes
             .checked_next_multiple_of(256)
             .ok_or(CuError::INVALID_VALUE)?;
+        if !self.allocs.fits_limit(size) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
         if !self.allocs.can_place_at(addr, size) {
             return Err(CuError::INVALID_VALUE);
         }
@@ -155,8 +166,10 @@ impl<M: Mapper> VmmArena<M> {
 
     /// Records `[addr, addr + size)` (known free) and maps what it touches.
     fn place(&mut self, addr: u64, size: u64) -> BResult<u64> {
-        let ok = self.allocs.alloc_at(addr, size);
-        debug_assert!(ok);
+        if !self.allocs.alloc_at(addr, size) {
+            // Known free, so only the memory limit can refuse it (a large allocation rounded up past it).
+            return Err(CuError::OUT_OF_MEMORY);
+        }
         if let Err(e) = self.ensure_mapped(addr, size) {
             self.allocs.free(addr);
             return Err(e);
@@ -249,8 +262,9 @@ impl<M: Mapper> VmmArena<M> {
             self.mapper.unmap(a, c.size, c.handle);
         }
         self.slabs.clear();
-        let (b, s) = (self.allocs.base(), self.allocs.size());
+        let (b, s, limit) = (self.allocs.base(), self.allocs.size(), self.allocs.limit());
         self.allocs = RangeAllocator::new(b, s, 256);
+        self.allocs.set_limit(limit);
     }
 }
 
@@ -339,6 +353,28 @@ mod tests {
         a.free(big).unwrap();
         assert_eq!(a.mapped_bytes(), 0);
         check(&a);
+    }
+
+    #[test]
+    fn memory_limit_caps_mappings_not_reservations() {
+        // 4 granules of memory in 1 GiB of address space.
+        let mut a = arena(1);
+        a.set_limit(4 * G);
+        let r1 = a.reserve(300 * G, 0).unwrap();
+        let r2 = a.reserve(100 * G, 0).unwrap();
+        a.alloc_at(r1, 3 * G).unwrap();
+        assert_eq!(a.alloc_at(r2, 2 * G), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(a.alloc(2 * G), Err(CuError::OUT_OF_MEMORY));
+        let x = a.alloc(G).unwrap();
+        assert_eq!(a.alloc(1), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(a.mapped_bytes(), 4 * G);
+        check(&a);
+        a.free(x).unwrap();
+        a.free(r1).unwrap();
+        a.unreserve(r1).unwrap();
+        a.unreserve(r2).unwrap();
+        a.clear();
+        assert_eq!(a.allocator().limit(), 4 * G, "clear keeps the limit");
     }
 
     #[test]

@@ -32,7 +32,10 @@ struct Table {
 /// The fixed mapping and its allocator.
 pub struct Arena {
     base: u64,
+    /// The mapping's size: the arena's address space.
     size: u64,
+    /// The device's memory: what live allocations may hold in all.
+    memory: u64,
     page: u64,
     table: RwLock<Table>,
 }
@@ -42,9 +45,9 @@ fn round_up(v: u64, a: u64) -> Option<u64> {
 }
 
 impl Arena {
-    /// Maps `size` bytes at exactly `base` (sparse, no swap reservation). Fails, never relocates, if the address range
-    /// is taken or refused.
-    pub fn map(base: u64, size: u64) -> Result<Arena, String> {
+    /// Maps `size` bytes of address space at exactly `base` (sparse, no swap reservation), of which allocations may
+    /// hold `memory` bytes in all. Fails, never relocates, if the address range is taken or refused.
+    pub fn map(base: u64, size: u64, memory: u64) -> Result<Arena, String> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let page = if page > 0 { page as u64 } else { 4096 };
@@ -75,17 +78,14 @@ impl Arena {
                 p as u64
             ));
         }
-        Ok(Arena {
-            base,
-            size,
-            page,
-            table: RwLock::new(Table { ranges: RangeAllocator::new(base, size, ALLOC_ALIGN), snapshot: None }),
-        })
+        let mut ranges = RangeAllocator::new(base, size, ALLOC_ALIGN);
+        ranges.set_limit(memory.min(size));
+        Ok(Arena { base, size, memory: memory.min(size), page, table: RwLock::new(Table { ranges, snapshot: None }) })
     }
 
-    /// (free, total) bytes.
+    /// (free, total) bytes of memory.
     pub fn info(&self) -> (u64, u64) {
-        (self.table.read().ranges.free_bytes(), self.size)
+        (self.table.read().ranges.free_bytes(), self.memory)
     }
 
     /// First-fit allocation of `bytes` aligned to `align` (at least `ALLOC_ALIGN`).
@@ -100,9 +100,13 @@ impl Arena {
         Ok(at)
     }
 
-    /// Allocates exactly `[addr, addr + bytes)`; fails if any of it is taken or outside the arena.
+    /// Allocates exactly `[addr, addr + bytes)`; fails if any of it is taken or outside the arena (INVALID_VALUE),
+    /// or the memory is used up (OUT_OF_MEMORY).
     pub fn alloc_at(&self, addr: u64, bytes: u64) -> Result<(), CuError> {
         let mut t = self.table.write();
+        if !t.ranges.fits_limit(bytes) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
         if !t.ranges.alloc_at(addr, bytes) {
             return Err(CuError::INVALID_VALUE);
         }

@@ -5,14 +5,17 @@
 //!   backend reserves, so device pointers in checkpoint images are valid in either backend and device address equals
 //!   host address in the server: copies and kernels dereference device pointers directly after checking them against
 //!   the allocation table ([`arena`]). The mapping is sparse (`MAP_NORESERVE`), so a 16 GiB "device" costs only what
-//!   is allocated and touched. It is never relocated: if the address is taken, creating the backend fails.
+//!   is allocated and touched. It is never relocated: if the address is taken, creating the backend fails. The
+//!   mapping is the arena's *address space* ([`ARENA_SPACE_FACTOR`](super::ARENA_SPACE_FACTOR) times the memory by
+//!   default, room for cuMemAddressReserve); allocations are capped by the device's *memory*.
 //! - **Streams** are in-order queues, each drained by a worker thread, with CUDA's cross-stream ordering (events,
 //!   legacy default stream) expressed as waits on stream positions ([`stream`]). Enqueue calls return at once;
 //!   failures surface at the next synchronize/query of the context, and faults are sticky.
 //! - **Kernels** run in the PTX interpreter of `devproxy-ptx`, so NVRTC output runs unmodified. Only PTX text is
 //!   accepted: fatbins and cubins hold machine code (SASS) for real GPUs and are refused with NOT_SUPPORTED.
 //! - **Device description**: the attribute table measured on an H100 (`h100_attributes.txt`), with the few
-//!   capabilities this device does not have switched off ([`ATTRIBUTE_OVERRIDES`]); total memory is the arena size.
+//!   capabilities this device does not have switched off ([`ATTRIBUTE_OVERRIDES`]); total memory is the configured
+//!   memory size (`BackendOptions::arena_bytes`, default [`DEFAULT_ARENA_BYTES`]).
 //!
 //! Tests create backends with [`EmulatedBackend::new_for_tests`], which maps each arena at its own address (a process
 //! can hold only one arena at `ARENA_BASE`, and unit tests run in parallel in one process).
@@ -39,7 +42,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Arena size when the options name none: the device's memory (an H100 has 80 GB; 16 GiB keeps page tables small).
+/// The device's memory when the options name none (an H100 has 80 GB; 16 GiB keeps page tables small).
 pub const DEFAULT_ARENA_BYTES: u64 = 16 << 30;
 
 /// The measured H100 attribute table: a Python-style list, element `i` = CUdevice_attribute `i + 1`.
@@ -156,18 +159,25 @@ impl EmulatedBackend {
     }
 
     /// A backend whose arena lies at its own address below `ARENA_BASE`, so tests in one process can each have one.
-    /// `opts.arena_bytes` must be at most 64 GiB.
+    /// `opts.arena_bytes` must be at most 64 GiB; the address space is cut to 64 GiB.
     #[doc(hidden)]
     pub fn new_for_tests(opts: &BackendOptions) -> Result<Self, String> {
         const SLOT: u64 = 64 << 30;
         let slot = TEST_ARENA_SLOT.fetch_add(1, Ordering::Relaxed) % 1024;
-        Self::with_base(opts, ARENA_BASE - (slot + 1) * SLOT)
+        Self::with_base_and_cap(opts, ARENA_BASE - (slot + 1) * SLOT, SLOT)
     }
 
     fn with_base(opts: &BackendOptions, base: u64) -> Result<Self, String> {
+        Self::with_base_and_cap(opts, base, u64::MAX)
+    }
+
+    /// The arena at `base`, its address space at most `max_space` (and never less than the memory).
+    fn with_base_and_cap(opts: &BackendOptions, base: u64, max_space: u64) -> Result<Self, String> {
+        const MAP_ALIGN: u64 = 2 << 20;
         let bytes = if opts.arena_bytes == 0 { DEFAULT_ARENA_BYTES } else { opts.arena_bytes };
-        let bytes = bytes.div_ceil(2 << 20) * (2 << 20);
-        let arena = Arena::map(base, bytes)?;
+        let bytes = bytes.div_ceil(MAP_ALIGN) * MAP_ALIGN;
+        let space = super::arena_space(opts, bytes, MAP_ALIGN).min(max_space).max(bytes);
+        let arena = Arena::map(base, space, bytes)?;
         let host_threads = match opts.threads {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
@@ -183,11 +193,12 @@ impl EmulatedBackend {
             attributes: device_attributes()?,
             driver_version: 13000,
             arena_base: base,
-            arena_bytes: bytes,
+            arena_bytes: space,
         };
         tracing::info!(
-            "emulated device: {} MiB arena at {base:#x}, kernels on {host_threads} host threads",
-            bytes >> 20
+            "emulated device: {} MiB of memory in a {} MiB arena at {base:#x}, kernels on {host_threads} host threads",
+            bytes >> 20,
+            space >> 20
         );
         Ok(EmulatedBackend {
             info,

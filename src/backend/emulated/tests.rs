@@ -5,7 +5,7 @@ use crate::backend::HostSpan;
 use std::time::{Duration, Instant};
 
 fn backend(arena_mib: u64) -> EmulatedBackend {
-    let opts = BackendOptions { device: 0, arena_bytes: arena_mib << 20, threads: 2 };
+    let opts = BackendOptions { device: 0, arena_bytes: arena_mib << 20, threads: 2, ..Default::default() };
     EmulatedBackend::new_for_tests(&opts).expect("test arena")
 }
 
@@ -43,7 +43,7 @@ fn device_info_describes_an_h100_arena() {
     let i = b.info();
     assert_eq!(i.backend, "emulated");
     assert_eq!(i.total_mem, 64 << 20);
-    assert_eq!(i.arena_bytes, 64 << 20);
+    assert_eq!(i.arena_bytes, crate::backend::ARENA_SPACE_FACTOR * (64 << 20), "address space, not memory");
     assert_eq!(i.driver_version, 13000);
     assert_eq!(i.attribute(1), Some(1024)); // MAX_THREADS_PER_BLOCK
     assert_eq!(i.attribute(16), Some(132)); // MULTIPROCESSOR_COUNT
@@ -89,7 +89,7 @@ fn alloc_free_alloc_at_and_mem_info() {
     b.mem_alloc_at(base + (1 << 20), 4096).unwrap();
     assert_eq!(b.mem_alloc_at(base + (1 << 20) + 256, 256), Err(CuError::INVALID_VALUE));
     assert_eq!(b.mem_alloc_at(base + 100, 256), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.mem_alloc_at(base + (16 << 20), 256), Err(CuError::INVALID_VALUE));
+    assert_eq!(b.mem_alloc_at(base + b.info().arena_bytes, 256), Err(CuError::INVALID_VALUE));
     b.mem_free(base + (1 << 20)).unwrap();
     // Out of memory, then coalescing gives the whole arena back.
     let big = b.mem_alloc(12 << 20).unwrap();
@@ -100,6 +100,30 @@ fn alloc_free_alloc_at_and_mem_info() {
     b.mem_free(small).unwrap();
     assert_eq!(b.mem_alloc(16 << 20).unwrap(), base);
     assert_eq!(b.arena.live_count(), 1);
+}
+
+#[test]
+fn reservations_take_address_space_and_mappings_take_memory() {
+    // PyTorch's expandable segments: reserve more address space than the device has memory, map part of it.
+    let b = backend(16);
+    let (_, total) = b.mem_info();
+    assert_eq!(total, 16 << 20);
+    let big = b.mem_reserve(18 << 20, 2 << 20).unwrap();
+    let small = b.mem_reserve(18 << 20, 2 << 20).unwrap();
+    assert_eq!(b.mem_info().0, 16 << 20, "reservations commit nothing");
+    b.mem_alloc_at(big, 8 << 20).unwrap();
+    b.mem_alloc_at(small, 4 << 20).unwrap();
+    assert_eq!(b.mem_info().0, 4 << 20);
+    assert_eq!(b.mem_alloc_at(big + (8 << 20), 6 << 20), Err(CuError::OUT_OF_MEMORY), "capped by memory");
+    assert_eq!(b.mem_alloc(6 << 20), Err(CuError::OUT_OF_MEMORY));
+    let p = b.mem_alloc(4 << 20).unwrap();
+    assert!(p + (4 << 20) <= big.min(small) || p >= big.max(small) + (18 << 20), "first fit skips reservations");
+    b.mem_free(p).unwrap();
+    b.mem_free(big).unwrap();
+    b.mem_free(small).unwrap();
+    b.mem_unreserve(big).unwrap();
+    b.mem_unreserve(small).unwrap();
+    assert_eq!(b.mem_info(), (16 << 20, 16 << 20));
 }
 
 #[test]
@@ -311,6 +335,8 @@ fn errors_surface_at_synchronize_sticky_ones_stay() {
     b.stream_synchronize(s).unwrap();
     // A fault: enqueue succeeds, synchronize reports it, and it stays.
     let p = b.mem_alloc(4).unwrap();
+    // (The sleep keeps the fault from landing before the memset is enqueued, which would then be refused.)
+    b.enqueue_sleep(s, Duration::from_millis(50)).unwrap();
     b.enqueue_error(s, CuError::ILLEGAL_ADDRESS).unwrap();
     b.memset(p, 1, 4, 1, s).unwrap();
     assert_eq!(b.stream_synchronize(s), Err(CuError::ILLEGAL_ADDRESS));
