@@ -1,10 +1,17 @@
 //! Writing and reading images: the blob pipeline (device reads overlapped with file or socket writes), the atomic
 //! write (temporary name, fsync, rename), and the validated load.
 //!
-//! The blob moves in [`CHUNK`]-sized buffers through a small pool: one thread fills buffers (device reads), another
-//! drains them (file or socket writes) and computes the CRC, so the device and the disk work at the same time. On
-//! restore the roles swap: a reader thread fills buffers from the file (and checks the CRC), the caller writes them to
-//! the device.
+//! The blob moves through a pool of [`BUF`]-sized host buffers, page-locked with the backend so device copies from
+//! and to them are DMA. Writing: this thread fills buffers (device reads) in blob order; several writer threads take
+//! filled buffers, compute each chunk's CRC and write it at its blob offset (files and memory), or one writer sends
+//! them in order (sockets). The per-chunk CRCs are combined in blob order at the end, so the blob CRC is exactly the
+//! sequential one. Restore swaps the roles: several reader threads read chunks at their offsets (files, memory) or
+//! one reads the stream in order, each computing its chunk's CRC; this thread writes chunks to the device as they
+//! arrive (order does not matter: each chunk goes to its own addresses), and the combined CRC is returned only once
+//! every chunk is in, for the caller to compare before it declares anything restored.
+//!
+//! The pool's buffers are kept (process-wide, at most [`MAX_BUFFERS`] of them, `DEVPROXY_IMAGE_POOL=0` to not keep
+//! them) so repeated checkpoints neither fault in nor page-lock fresh memory.
 
 use super::format::{Header, FLAG_TRAILING_BLOB_CRC, IMAGE_FILE, MAX_HEADER_BYTES};
 use super::manifest::{Manifest, Region};
@@ -12,24 +19,98 @@ use super::CheckpointError;
 use crate::backend::{Backend, HostSpan};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Size of one pipeline buffer.
+/// Largest piece an ordered sink is handed at once (a migration frame; the manifest is sent in pieces this size too).
 pub const CHUNK: usize = 16 << 20;
-/// Buffers in flight.
-const BUFFERS: usize = 4;
+/// Size of one pipeline buffer (a chunk of the blob: chunk `k` is blob bytes `[k * BUF, (k + 1) * BUF)`).
+pub const BUF: usize = 64 << 20;
+/// Most buffers one operation uses, and most the process keeps.
+pub const MAX_BUFFERS: usize = 16;
 /// Progress is reported at most this often (bytes).
 const PROGRESS_STEP: u64 = 64 << 20;
 
-/// Where blob bytes go; runs on the pipeline's writer thread.
+/// Writer (or reader) threads for positional sinks (sources): the cores, at least 2, at most 16.
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(2, 16)
+}
+
+/// Where blob bytes go. `put` takes them in blob order on one writer thread; sinks that can take chunks at their
+/// offsets from several threads say so with [`BlobSink::positional`].
 pub trait BlobSink: Send {
     fn put(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// A view of the sink that writes at blob offsets from several threads, if it has one. Only this module can make
+    /// one; other sinks keep the default (ordered).
+    fn positional(&mut self) -> Option<Positional<'_>> {
+        None
+    }
+}
+
+/// A sink written at blob offsets (see [`BlobSink::positional`]).
+pub struct Positional<'a>(PosKind<'a>);
+
+enum PosKind<'a> {
+    /// The blob starts at `base` in the file.
+    File { file: &'a File, base: u64 },
+    /// The blob is `len` bytes at `ptr`, exclusively borrowed for `'a`.
+    Mem {
+        ptr: *mut u8,
+        len: usize,
+        _buf: PhantomData<&'a mut [u8]>,
+    },
+}
+
+// SAFETY: `File` is a shared file reference; `Mem` points into a buffer exclusively borrowed for 'a, written only by
+// `put_at`, whose callers (this module's pipeline) write disjoint ranges.
+unsafe impl Send for PosKind<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for PosKind<'_> {}
+
+impl Positional<'_> {
+    /// Writes `bytes` at blob offset `off`.
+    ///
+    /// # Safety
+    /// Concurrent calls must write disjoint ranges (the pipeline writes each chunk once).
+    unsafe fn put_at(&self, off: u64, bytes: &[u8]) -> io::Result<()> {
+        match &self.0 {
+            PosKind::File { file, base } => file.write_all_at(bytes, base + off),
+            PosKind::Mem { ptr, len, .. } => {
+                let end = (off as usize).checked_add(bytes.len());
+                if end.is_none_or(|e| e > *len) {
+                    return Err(io::Error::other(
+                        "more blob bytes than the manifest announced",
+                    ));
+                }
+                // SAFETY: in bounds (checked above) of the exclusively borrowed buffer; no other call writes this
+                // range (the caller's contract), and nobody reads it until the pipeline is done.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        ptr.add(off as usize),
+                        bytes.len(),
+                    )
+                };
+                Ok(())
+            }
+        }
+    }
 }
 
 impl BlobSink for File {
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.write_all(bytes)
+    }
+
+    /// The blob starts at the file's current position; the position itself is left there.
+    fn positional(&mut self) -> Option<Positional<'_>> {
+        let base = self.stream_position().ok()?;
+        Some(Positional(PosKind::File { file: self, base }))
     }
 }
 
@@ -40,8 +121,8 @@ impl BlobSink for Vec<u8> {
     }
 }
 
-/// A blob in host memory of a known size. The buffer starts as untouched zero pages (calloc), and each chunk is
-/// copied in by several threads, so the first-touch page faults, which dominate filling fresh memory, run in parallel.
+/// A blob in host memory of a known size. The buffer starts as untouched zero pages (calloc); chunks are copied in by
+/// several writer threads, so the first-touch page faults, which dominate filling fresh memory, run in parallel.
 pub struct MemSink {
     buf: Vec<u8>,
     pos: usize,
@@ -70,23 +151,74 @@ impl BlobSink for MemSink {
                 "more blob bytes than the manifest announced",
             ));
         }
-        let dst = &mut self.buf[self.pos..end];
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(8);
-        if threads < 2 || bytes.len() < (4 << 20) {
-            dst.copy_from_slice(bytes);
-        } else {
-            let piece = bytes.len().div_ceil(threads);
-            std::thread::scope(|s| {
-                for (d, b) in dst.chunks_mut(piece).zip(bytes.chunks(piece)) {
-                    s.spawn(move || d.copy_from_slice(b));
-                }
-            });
-        }
+        self.buf[self.pos..end].copy_from_slice(bytes);
         self.pos = end;
         Ok(())
+    }
+
+    /// Positional writes fill the whole buffer (the pipeline writes exactly the announced length, or fails and the
+    /// sink is dropped).
+    fn positional(&mut self) -> Option<Positional<'_>> {
+        self.pos = self.buf.len();
+        Some(Positional(PosKind::Mem {
+            ptr: self.buf.as_mut_ptr(),
+            len: self.buf.len(),
+            _buf: PhantomData,
+        }))
+    }
+}
+
+/// Where blob bytes come from. Read in blob order by one reader thread; sources that can be read at offsets from
+/// several threads say so with [`BlobSource::positional`].
+pub trait BlobSource: Read + Send {
+    /// A view of the next `len` bytes readable at offsets from several threads, if the source has one; the source
+    /// then counts as having consumed them (a trailer after the blob is read next). Only this module can make one.
+    fn positional(&mut self, len: u64) -> Option<PositionalSource<'_>> {
+        let _ = len;
+        None
+    }
+}
+
+/// A source read at blob offsets (see [`BlobSource::positional`]).
+pub struct PositionalSource<'a>(SrcKind<'a>);
+
+enum SrcKind<'a> {
+    File { file: &'a File, base: u64 },
+    Mem(&'a [u8]),
+}
+
+impl PositionalSource<'_> {
+    fn get_at(&self, off: u64, dst: &mut [u8]) -> io::Result<()> {
+        match &self.0 {
+            SrcKind::File { file, base } => file.read_exact_at(dst, base + off),
+            SrcKind::Mem(m) => {
+                let s = (off as usize).min(m.len());
+                let e = (s + dst.len()).min(m.len());
+                if e - s < dst.len() {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                dst.copy_from_slice(&m[s..e]);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl BlobSource for File {
+    fn positional(&mut self, len: u64) -> Option<PositionalSource<'_>> {
+        let base = self.stream_position().ok()?;
+        self.seek(SeekFrom::Start(base.checked_add(len)?)).ok()?;
+        Some(PositionalSource(SrcKind::File { file: self, base }))
+    }
+}
+
+impl BlobSource for &[u8] {
+    fn positional(&mut self, len: u64) -> Option<PositionalSource<'_>> {
+        let all: &[u8] = self;
+        let n = (len.min(all.len() as u64)) as usize;
+        let (blob, rest) = all.split_at(n);
+        *self = rest;
+        Some(PositionalSource(SrcKind::Mem(blob)))
     }
 }
 
@@ -104,7 +236,7 @@ pub fn advise_huge(buf: &mut Vec<u8>) {
     }
 }
 
-/// A zeroed pipeline buffer.
+/// A zeroed pipeline buffer, its pages faulted in.
 fn buffer(cap: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(cap);
     advise_huge(&mut v);
@@ -112,19 +244,44 @@ fn buffer(cap: usize) -> Vec<u8> {
     v
 }
 
-/// The pipeline's buffers, page-locked with the backend when one is given, so device copies from and to them are DMA
-/// (the cuda backend's bulk path checks for that); unregistered before they are freed.
+/// Full-size buffers kept between operations. A kept buffer may still be page-locked by the backend that last used
+/// it: it is never freed (a backend unregisters what it registered when it is dropped), only handed to the next
+/// operation, which registers it with its own backend (a refusal means it is registered already).
+static KEPT: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
+
+fn keep_buffers() -> bool {
+    std::env::var("DEVPROXY_IMAGE_POOL").map_or(true, |v| v != "0")
+}
+
+/// One operation's buffers, page-locked with the backend when one is given, so device copies from and to them are
+/// DMA (the cuda backend's bulk path checks for that).
 struct Pool<'b> {
     bufs: Vec<Vec<u8>>,
+    /// How many of `bufs` (the first ones) came from [`KEPT`]; they go back there.
+    kept: usize,
+    /// Spans this operation registered.
     registered: Vec<HostSpan>,
+    cap: usize,
     backend: Option<&'b dyn Backend>,
 }
 
 impl<'b> Pool<'b> {
-    fn new(total: u64, backend: Option<&'b dyn Backend>) -> Pool<'b> {
-        let cap = CHUNK.min(total.max(1) as usize);
-        let n = BUFFERS.min(total.div_ceil(cap as u64).max(1) as usize);
-        let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| buffer(cap)).collect();
+    fn new(total: u64, workers: usize, backend: Option<&'b dyn Backend>) -> Pool<'b> {
+        let cap = BUF.min(total.max(1) as usize);
+        let n = (workers + 2)
+            .clamp(4, MAX_BUFFERS)
+            .min(total.div_ceil(cap as u64).max(1) as usize);
+        let mut bufs = Vec::with_capacity(n);
+        if cap == BUF && keep_buffers() {
+            let mut k = KEPT.lock();
+            let take = n.min(k.len());
+            let at = k.len() - take;
+            bufs.extend(k.drain(at..));
+        }
+        let kept = bufs.len();
+        while bufs.len() < n {
+            bufs.push(buffer(cap));
+        }
         let mut registered = Vec::new();
         if let Some(b) = backend {
             for v in bufs.iter_mut() {
@@ -139,27 +296,39 @@ impl<'b> Pool<'b> {
         }
         Pool {
             bufs,
+            kept,
             registered,
+            cap,
             backend,
         }
-    }
-
-    fn cap(&self) -> usize {
-        self.bufs[0].len()
     }
 }
 
 impl Drop for Pool<'_> {
     fn drop(&mut self) {
-        if let Some(b) = self.backend {
-            for span in self.registered.drain(..) {
-                let _ = b.host_unregister(span);
+        let keep = self.cap == BUF && keep_buffers();
+        let mut k = KEPT.lock();
+        let mut back = Vec::new();
+        for (i, v) in self.bufs.drain(..).enumerate() {
+            // Kept buffers always go back (they may be registered by another backend); fresh ones while there is room.
+            if i < self.kept || (keep && k.len() + back.len() < MAX_BUFFERS) {
+                back.push(v);
+            } else {
+                let p = v.as_ptr();
+                if let (Some(b), Some(at)) = (
+                    self.backend,
+                    self.registered.iter().position(|s| std::ptr::eq(s.ptr, p)),
+                ) {
+                    let _ = b.host_unregister(self.registered.swap_remove(at));
+                }
+                drop(v);
             }
         }
+        k.extend(back);
     }
 }
 
-/// CRC-32 of `buf`, computed on a few threads for large buffers and combined.
+/// CRC-32 of `buf`, computed on a few threads for large buffers and combined (for the single, ordered writer).
 fn crc_of(buf: &[u8]) -> crc32fast::Hasher {
     const PIECE: usize = 4 << 20;
     let threads = std::thread::available_parallelism()
@@ -187,12 +356,36 @@ fn crc_of(buf: &[u8]) -> crc32fast::Hasher {
             .map(|h| h.join().expect("crc thread"))
             .collect()
     });
-    let mut it = parts.into_iter();
-    let mut h = it.next().expect("at least one piece");
-    for p in it {
+    combine_in_order(parts)
+}
+
+fn combine_in_order(parts: impl IntoIterator<Item = crc32fast::Hasher>) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
         h.combine(&p);
     }
     h
+}
+
+/// The chunk CRCs the workers computed, `(chunk, crc)` in any order, combined in chunk order; `None` if one is
+/// missing.
+fn blob_crc(mut parts: Vec<(u64, crc32fast::Hasher)>, chunks: u64) -> Option<u32> {
+    parts.sort_unstable_by_key(|p| p.0);
+    if parts.len() as u64 != chunks || parts.iter().enumerate().any(|(i, p)| p.0 != i as u64) {
+        return None;
+    }
+    Some(combine_in_order(parts.into_iter().map(|p| p.1)).finalize())
+}
+
+/// A chunk's CRC: on this thread when several workers share the work, on a few threads for a single worker.
+fn chunk_crc(bytes: &[u8], workers: usize) -> crc32fast::Hasher {
+    if workers > 1 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(bytes);
+        h
+    } else {
+        crc_of(bytes)
+    }
 }
 
 /// Fills `dst` with the bytes of region `index` starting `offset` bytes into it.
@@ -200,8 +393,13 @@ pub type Fill<'a> = dyn FnMut(usize, &Region, u64, &mut [u8]) -> Result<(), Chec
 /// Takes `src`, the bytes of region `index` starting `offset` bytes into it.
 pub type Apply<'a> = dyn FnMut(usize, &Region, u64, &[u8]) -> Result<(), CheckpointError> + 'a;
 
-/// Produces the blob of `regions` into `sink`, overlapping `fill` (this thread) with the sink (a writer thread).
-/// Returns the blob's CRC32.
+/// Writes one chunk at its blob offset.
+type Out<'a> = dyn Fn(u64, &[u8]) -> io::Result<()> + Sync + 'a;
+/// Reads one chunk from its blob offset.
+type In<'a> = dyn Fn(u64, &mut [u8]) -> io::Result<()> + Sync + 'a;
+
+/// Produces the blob of `regions` into `sink`: `fill` runs on this thread, the sink's writes and the CRC on writer
+/// threads (several for a positional sink, one in order otherwise). Returns the blob's CRC32.
 pub fn produce_blob(
     regions: &[Region],
     fill: &mut Fill<'_>,
@@ -210,31 +408,71 @@ pub fn produce_blob(
     pin: Option<&dyn Backend>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
-    let mut pool = Pool::new(total, pin);
-    let cap = pool.cap();
-    let (full_tx, full_rx) = crossbeam::channel::bounded::<(&mut [u8], usize)>(BUFFERS);
-    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(BUFFERS);
+    match sink.positional() {
+        Some(at) => {
+            let n = workers();
+            let mut pool = Pool::new(total, n, pin);
+            // SAFETY: the pipeline hands each chunk (a distinct blob range) to exactly one writer.
+            let out = |off: u64, b: &[u8]| unsafe { at.put_at(off, b) };
+            produce_with(regions, fill, &out, n, &mut pool, progress)
+        }
+        None => {
+            let mut pool = Pool::new(total, 1, pin);
+            let sink = parking_lot::Mutex::new(sink);
+            let out = |_: u64, b: &[u8]| {
+                let mut s = sink.lock();
+                b.chunks(CHUNK).try_for_each(|piece| s.put(piece))
+            };
+            produce_with(regions, fill, &out, 1, &mut pool, progress)
+        }
+    }
+}
+
+fn produce_with(
+    regions: &[Region],
+    fill: &mut Fill<'_>,
+    out: &Out<'_>,
+    workers: usize,
+    pool: &mut Pool<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u32, CheckpointError> {
+    let total: u64 = regions.iter().map(|r| r.bytes).sum();
+    let cap = pool.cap;
+    let chunks = total.div_ceil(cap as u64);
+    let nbuf = pool.bufs.len();
+    let (full_tx, full_rx) = crossbeam::channel::bounded::<(u64, &mut [u8], usize)>(nbuf);
+    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(nbuf);
     for b in pool.bufs.iter_mut() {
         free_tx.send(b.as_mut_slice()).expect("fresh channel");
     }
+    let stop = AtomicBool::new(false);
+    let stopped = || CheckpointError::Pipeline("the writer stopped".into());
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> io::Result<u32> {
-            let mut crc = crc32fast::Hasher::new();
-            for (buf, len) in full_rx.iter() {
-                crc.combine(&crc_of(&buf[..len]));
-                sink.put(&buf[..len])?;
-                // The producer may have stopped; a buffer nobody takes back is simply dropped.
-                let _ = free_tx.send(buf);
-            }
-            Ok(crc.finalize())
-        });
+        let writers: Vec<_> = (0..workers)
+            .map(|_| {
+                let (full_rx, free_tx, stop) = (full_rx.clone(), free_tx.clone(), &stop);
+                scope.spawn(move || -> io::Result<Vec<(u64, crc32fast::Hasher)>> {
+                    let mut crcs = Vec::new();
+                    for (k, buf, len) in full_rx.iter() {
+                        let crc = chunk_crc(&buf[..len], workers);
+                        if let Err(e) = out(k * cap as u64, &buf[..len]) {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        crcs.push((k, crc));
+                        // The producer may have stopped; a buffer nobody takes back is simply dropped.
+                        let _ = free_tx.send(buf);
+                    }
+                    Ok(crcs)
+                })
+            })
+            .collect();
+        drop((full_rx, free_tx));
         let produced = (|| -> Result<(), CheckpointError> {
             let mut done = 0u64;
             let mut reported = 0u64;
-            let mut buf = match free_rx.recv() {
-                Ok(b) => b,
-                Err(_) => return Err(CheckpointError::Pipeline("the writer stopped".into())),
-            };
+            let mut k = 0u64;
+            let mut buf = free_rx.recv().map_err(|_| stopped())?;
             let mut fill_at = 0usize;
             for (i, r) in regions.iter().enumerate() {
                 let mut off = 0u64;
@@ -245,15 +483,12 @@ pub fn produce_blob(
                     off += n as u64;
                     done += n as u64;
                     if fill_at == cap {
-                        if full_tx.send((buf, fill_at)).is_err() {
-                            return Err(CheckpointError::Pipeline("the writer stopped".into()));
+                        if stop.load(Ordering::Relaxed) {
+                            return Err(stopped());
                         }
-                        buf = match free_rx.recv() {
-                            Ok(b) => b,
-                            Err(_) => {
-                                return Err(CheckpointError::Pipeline("the writer stopped".into()))
-                            }
-                        };
+                        full_tx.send((k, buf, fill_at)).map_err(|_| stopped())?;
+                        k += 1;
+                        buf = free_rx.recv().map_err(|_| stopped())?;
                         fill_at = 0;
                     }
                     if done - reported >= PROGRESS_STEP {
@@ -262,71 +497,129 @@ pub fn produce_blob(
                     }
                 }
             }
-            if fill_at > 0 && full_tx.send((buf, fill_at)).is_err() {
-                return Err(CheckpointError::Pipeline("the writer stopped".into()));
+            if fill_at > 0 {
+                full_tx.send((k, buf, fill_at)).map_err(|_| stopped())?;
             }
             progress(done, total);
             Ok(())
         })();
         drop(full_tx);
-        let written = writer
-            .join()
-            .map_err(|_| CheckpointError::Pipeline("the writer thread panicked".into()))?;
+        let mut crcs = Vec::new();
+        let mut failed = None;
+        for w in writers {
+            match w.join() {
+                Ok(Ok(c)) => crcs.extend(c),
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => return Err(CheckpointError::Pipeline("a writer thread panicked".into())),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(CheckpointError::Pipeline(format!("writing the blob: {e}")));
+        }
         produced?;
-        written.map_err(|e| CheckpointError::Pipeline(format!("writing the blob: {e}")))
+        blob_crc(crcs, chunks).ok_or_else(stopped)
     })
 }
 
-/// Consumes a blob of `regions` read from `source` (a reader thread, which also computes the CRC), handing the bytes
-/// to `apply` on this thread. Returns the CRC32 of what was read.
+/// Consumes a blob of `regions` read from `source` (reader threads, which also compute the CRC: several for a
+/// positional source, one in order otherwise), handing the bytes to `apply` on this thread as chunks arrive, in any
+/// order. Returns the CRC32 of what was read, once all of it was read and applied.
 pub fn consume_blob(
     regions: &[Region],
-    source: &mut (dyn Read + Send),
+    source: &mut dyn BlobSource,
     apply: &mut Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
     pin: Option<&dyn Backend>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
-    let mut pool = Pool::new(total, pin);
-    let cap = pool.cap();
-    let (full_tx, full_rx) = crossbeam::channel::bounded::<(&mut [u8], usize)>(BUFFERS);
-    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(BUFFERS);
+    match source.positional(total) {
+        Some(at) => {
+            let n = workers();
+            let mut pool = Pool::new(total, n, pin);
+            let input = |off: u64, b: &mut [u8]| at.get_at(off, b);
+            consume_with(regions, &input, n, &mut pool, apply, progress)
+        }
+        None => {
+            let mut pool = Pool::new(total, 1, pin);
+            let source = parking_lot::Mutex::new(source);
+            // One reader, chunks claimed in order: the stream is read sequentially.
+            let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
+            consume_with(regions, &input, 1, &mut pool, apply, progress)
+        }
+    }
+}
+
+fn consume_with(
+    regions: &[Region],
+    input: &In<'_>,
+    workers: usize,
+    pool: &mut Pool<'_>,
+    apply: &mut Apply<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u32, CheckpointError> {
+    let total: u64 = regions.iter().map(|r| r.bytes).sum();
+    let cap = pool.cap;
+    let chunks = total.div_ceil(cap as u64);
+    let mut starts = Vec::with_capacity(regions.len());
+    let mut at = 0u64;
+    for r in regions {
+        starts.push(at);
+        at += r.bytes;
+    }
+    let nbuf = pool.bufs.len();
+    let (full_tx, full_rx) = crossbeam::channel::bounded::<(u64, &mut [u8], usize)>(nbuf);
+    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(nbuf);
     for b in pool.bufs.iter_mut() {
         free_tx.send(b.as_mut_slice()).expect("fresh channel");
     }
+    let next = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> io::Result<u32> {
-            let mut crc = crc32fast::Hasher::new();
-            let mut left = total;
-            while left > 0 {
-                let Ok(buf) = free_rx.recv() else { break };
-                let n = (left as usize).min(cap);
-                source.read_exact(&mut buf[..n])?;
-                crc.combine(&crc_of(&buf[..n]));
-                left -= n as u64;
-                if full_tx.send((buf, n)).is_err() {
-                    break;
-                }
-            }
-            Ok(crc.finalize())
-        });
+        let readers: Vec<_> = (0..workers.min(chunks.max(1) as usize))
+            .map(|_| {
+                let (full_tx, free_rx, next, stop) =
+                    (full_tx.clone(), free_rx.clone(), &next, &stop);
+                scope.spawn(move || -> io::Result<Vec<(u64, crc32fast::Hasher)>> {
+                    let mut crcs = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(buf) = free_rx.recv() else { break };
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= chunks {
+                            break;
+                        }
+                        let off = k * cap as u64;
+                        let n = ((total - off) as usize).min(cap);
+                        if let Err(e) = input(off, &mut buf[..n]) {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        crcs.push((k, chunk_crc(&buf[..n], workers)));
+                        if full_tx.send((k, buf, n)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(crcs)
+                })
+            })
+            .collect();
+        drop((full_tx, free_rx));
         let consumed = (|| -> Result<(), CheckpointError> {
-            let mut region = 0usize;
-            let mut off = 0u64;
             let mut done = 0u64;
             let mut reported = 0u64;
-            for (buf, len) in full_rx.iter() {
+            for (k, buf, len) in full_rx.iter() {
+                let off = k * cap as u64;
+                // The last region starting at or before `off` (empty regions before it are skipped).
+                let mut region = starts.partition_point(|&s| s <= off).saturating_sub(1);
                 let mut at = 0usize;
-                while at < len {
-                    while region < regions.len() && off == regions[region].bytes {
-                        region += 1;
-                        off = 0;
-                    }
+                while at < len && region < regions.len() {
                     let r = &regions[region];
-                    let n = ((r.bytes - off) as usize).min(len - at);
-                    apply(region, r, off, &buf[at..at + n])?;
-                    at += n;
-                    off += n as u64;
+                    let roff = off + at as u64 - starts[region];
+                    let n = (r.bytes.saturating_sub(roff) as usize).min(len - at);
+                    if n > 0 {
+                        apply(region, r, roff, &buf[at..at + n])?;
+                        at += n;
+                    }
+                    region += 1;
                 }
                 done += len as u64;
                 let _ = free_tx.send(buf);
@@ -338,15 +631,27 @@ pub fn consume_blob(
             progress(done, total);
             Ok(())
         })();
-        // Unblock the reader if we stopped early.
+        // Unblock the readers if we stopped early.
+        stop.store(true, Ordering::Relaxed);
         drop(free_tx);
-        let read = reader
-            .join()
-            .map_err(|_| CheckpointError::Pipeline("the reader thread panicked".into()))?;
+        drop(full_rx);
+        let mut crcs = Vec::new();
+        let mut failed = None;
+        for r in readers {
+            match r.join() {
+                Ok(Ok(c)) => crcs.extend(c),
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => return Err(CheckpointError::Pipeline("a reader thread panicked".into())),
+            }
+        }
         consumed?;
-        read.map_err(|e| {
+        let read_err = |e: &dyn std::fmt::Display| {
             CheckpointError::Pipeline(format!("reading the blob: {e} (is the image truncated?)"))
-        })
+        };
+        if let Some(e) = failed {
+            return Err(read_err(&e));
+        }
+        blob_crc(crcs, chunks).ok_or_else(|| read_err(&"a chunk is missing"))
     })
 }
 
@@ -558,11 +863,18 @@ impl LoadedImage {
 
 #[cfg(test)]
 mod tests {
+    use super::super::manifest::{Region, RegionKind};
+    use super::*;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect()
+    }
+
     #[test]
     fn parallel_crc_matches_a_sequential_one() {
-        let v: Vec<u8> = (0..(21u32 << 20) + 77)
-            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-            .collect();
+        let v = pattern((21 << 20) + 77);
         for len in [0, 5, 1 << 20, (9 << 20) + 3, v.len()] {
             assert_eq!(
                 super::crc_of(&v[..len]).finalize(),
@@ -570,5 +882,166 @@ mod tests {
                 "{len}"
             );
         }
+    }
+
+    #[test]
+    fn chunk_crcs_combined_out_of_order_match_the_sequential_crc() {
+        let v = pattern((5 << 20) + 123);
+        let cap = 1 << 20;
+        let mut parts: Vec<(u64, crc32fast::Hasher)> = v
+            .chunks(cap)
+            .enumerate()
+            .map(|(k, c)| (k as u64, chunk_crc(c, 4)))
+            .collect();
+        parts.reverse();
+        parts.swap(1, 3);
+        let chunks = v.len().div_ceil(cap) as u64;
+        assert_eq!(blob_crc(parts.clone(), chunks), Some(crc32fast::hash(&v)));
+        parts.pop();
+        assert_eq!(blob_crc(parts, chunks), None, "a missing chunk is noticed");
+    }
+
+    /// Regions of awkward sizes (empty ones, some crossing chunk boundaries) making a blob of several chunks.
+    fn regions() -> Vec<Region> {
+        [
+            5u64,
+            0,
+            (70 << 20) + 3,
+            1 << 20,
+            0,
+            BUF as u64 - 7,
+            (30 << 20) + 11,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &bytes)| Region {
+            session: 0,
+            kind: RegionKind::Allocation,
+            addr: (i as u64) << 40,
+            bytes,
+        })
+        .collect()
+    }
+
+    fn produce(regions: &[Region], blob: &[u8], sink: &mut dyn BlobSink) -> u32 {
+        let mut starts = Vec::new();
+        let mut at = 0u64;
+        for r in regions {
+            starts.push(at);
+            at += r.bytes;
+        }
+        let mut fill = |i: usize, _: &Region, off: u64, dst: &mut [u8]| {
+            let s = (starts[i] + off) as usize;
+            dst.copy_from_slice(&blob[s..s + dst.len()]);
+            Ok(())
+        };
+        produce_blob(regions, &mut fill, sink, &mut |_, _| {}, None).unwrap()
+    }
+
+    /// Consumes into a fresh buffer (chunks may arrive in any order).
+    fn consume(
+        regions: &[Region],
+        src: &mut dyn BlobSource,
+    ) -> Result<(Vec<u8>, u32), CheckpointError> {
+        let total: u64 = regions.iter().map(|r| r.bytes).sum();
+        let mut starts = Vec::new();
+        let mut at = 0u64;
+        for r in regions {
+            starts.push(at);
+            at += r.bytes;
+        }
+        let mut out = vec![0u8; total as usize];
+        let crc = consume_blob(
+            regions,
+            src,
+            &mut |i, r, off, b| {
+                assert!(off + b.len() as u64 <= r.bytes);
+                let s = (starts[i] + off) as usize;
+                out[s..s + b.len()].copy_from_slice(b);
+                Ok(())
+            },
+            &mut |_, _| {},
+            None,
+        )?;
+        Ok((out, crc))
+    }
+
+    /// A source only readable in order.
+    struct Stream<'a>(&'a [u8]);
+    impl Read for Stream<'_> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl BlobSource for Stream<'_> {}
+
+    #[test]
+    fn blob_through_every_sink_and_source_kind() {
+        let regions = regions();
+        let total: u64 = regions.iter().map(|r| r.bytes).sum();
+        let blob = pattern(total as usize);
+        let want = crc32fast::hash(&blob);
+
+        // Several writers at offsets (memory, file) and one in order (Vec): same bytes, the sequential CRC.
+        let mut mem = MemSink::new(total);
+        assert_eq!(produce(&regions, &blob, &mut mem), want);
+        assert!(mem.into_inner() == blob);
+        let mut v = Vec::new();
+        assert_eq!(produce(&regions, &blob, &mut v), want);
+        assert!(v == blob);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(b"head").unwrap();
+        assert_eq!(produce(&regions, &blob, &mut f), want);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[4..] == blob[..]);
+
+        // Several readers at offsets (memory, file) and one in order (a stream).
+        let mut src: &[u8] = &on_disk[4..];
+        let (got, crc) = consume(&regions, &mut src).unwrap();
+        assert!(got == blob && crc == want && src.is_empty());
+        let mut f = File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(4)).unwrap();
+        let (got, crc) = consume(&regions, &mut f).unwrap();
+        assert!(got == blob && crc == want);
+        assert_eq!(
+            f.stream_position().unwrap(),
+            4 + total,
+            "the file is consumed"
+        );
+        let (got, crc) = consume(&regions, &mut Stream(&blob)).unwrap();
+        assert!(got == blob && crc == want);
+
+        // Truncated sources fail, whichever kind.
+        let mut short: &[u8] = &blob[..blob.len() - 1];
+        assert!(consume(&regions, &mut short).is_err());
+        assert!(consume(&regions, &mut Stream(&blob[..blob.len() - 1])).is_err());
+        // A corrupt byte changes the CRC.
+        let mut bad = blob.clone();
+        bad[BUF + 5] ^= 1;
+        let mut src: &[u8] = &bad;
+        assert_ne!(consume(&regions, &mut src).unwrap().1, want);
+    }
+
+    #[test]
+    fn an_apply_failure_stops_the_readers() {
+        let regions = regions();
+        let total: u64 = regions.iter().map(|r| r.bytes).sum();
+        let blob = pattern(total as usize);
+        let mut src: &[u8] = &blob;
+        let mut calls = 0;
+        let r = consume_blob(
+            &regions,
+            &mut src,
+            &mut |_, _, _, _| {
+                calls += 1;
+                Err(CheckpointError::Backend("no".into()))
+            },
+            &mut |_, _| {},
+            None,
+        );
+        assert!(matches!(r, Err(CheckpointError::Backend(_))));
+        assert_eq!(calls, 1);
     }
 }

@@ -2,7 +2,7 @@
 //! an adopting one), live migration, suspend and resume, inspect.
 
 use super::format::{Header, FLAG_TRAILING_BLOB_CRC};
-use super::image::{self, consume_blob, produce_blob, BlobSink, LoadedImage, CHUNK};
+use super::image::{self, consume_blob, produce_blob, BlobSink, BlobSource, LoadedImage, CHUNK};
 use super::manifest::{self, DeviceImage, Manifest, Region, RegionKind, SessionImage};
 use super::{CheckpointError, Persist};
 use crate::backend::{Backend, HostSpan};
@@ -430,7 +430,7 @@ pub struct Rebuilt {
 pub fn restore_state(
     backend: &Arc<dyn Backend>,
     manifest: &Manifest,
-    source: &mut (dyn Read + Send),
+    source: &mut dyn BlobSource,
     expected: ExpectedCrc,
     what: &str,
     ready: &mut dyn FnMut() -> Result<(), CheckpointError>,
@@ -665,6 +665,9 @@ impl Read for FrameReader<'_> {
         Ok(n)
     }
 }
+
+/// Read in order, by one reader.
+impl BlobSource for FrameReader<'_> {}
 
 fn recv_reply(conn: &UnixStream) -> Result<ControlReply, String> {
     loop {
