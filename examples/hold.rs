@@ -40,12 +40,18 @@ fn main() -> Result<(), String> {
     let check = module.load_function("check").map_err(|e| e.to_string())?;
     let total_words = (gib * (1u64 << 30) as f64 / 4.0) as u64;
     let chunk_words = (256u64 << 20) / 4; // 256 MiB buffers
-    let cfg = LaunchConfig { grid_dim: (264, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (264, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut bufs = Vec::new();
     let mut left = total_words;
     while left > 0 {
         let n = left.min(chunk_words);
-        let mut b = stream.alloc_zeros::<u32>(n as usize).map_err(|e| e.to_string())?;
+        let mut b = stream
+            .alloc_zeros::<u32>(n as usize)
+            .map_err(|e| e.to_string())?;
         let seed = bufs.len() as u32 * 7919;
         let mut l = stream.launch_builder(&fill);
         l.arg(&mut b).arg(&n).arg(&seed);
@@ -58,7 +64,8 @@ fn main() -> Result<(), String> {
     println!("ready {gib} GiB");
     std::io::stdout().flush().ok();
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    while Instant::now() < deadline && (until.is_empty() || !std::path::Path::new(&until).exists()) {
+    while Instant::now() < deadline && (until.is_empty() || !std::path::Path::new(&until).exists())
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut bad = stream.alloc_zeros::<u32>(1).map_err(|e| e.to_string())?;

@@ -22,7 +22,11 @@ fn main() -> Result<(), String> {
     let stream = ctx.default_stream();
     let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
     let f = module.load_function("empty").map_err(|e| e.to_string())?;
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let x = 1i32;
     let launch = || {
         let mut b = stream.launch_builder(&f);
@@ -55,7 +59,9 @@ fn main() -> Result<(), String> {
     let host = [7u32];
     let t = Instant::now();
     for _ in 0..rt_iters {
-        stream.memcpy_htod(&host, &mut dev).map_err(|e| e.to_string())?;
+        stream
+            .memcpy_htod(&host, &mut dev)
+            .map_err(|e| e.to_string())?;
         stream.synchronize().map_err(|e| e.to_string())?;
     }
     let htod4_us = t.elapsed().as_secs_f64() * 1e6 / rt_iters as f64;

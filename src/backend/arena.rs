@@ -238,7 +238,11 @@ impl RangeAllocator {
     /// Whether no live allocation overlaps `[addr, addr + size)`.
     fn no_live_in(&self, addr: u64, size: u64) -> bool {
         let end = addr + size;
-        let before = self.live.range(..addr).next_back().is_some_and(|(&b, &s)| b + s > addr);
+        let before = self
+            .live
+            .range(..addr)
+            .next_back()
+            .is_some_and(|(&b, &s)| b + s > addr);
         !before && self.live.range(addr..end).next().is_none()
     }
 
@@ -431,14 +435,21 @@ mod tests {
         assert!(a.can_place_at(r + (2 << 20), 2 << 20));
         assert!(a.alloc_at(r + (2 << 20), 2 << 20));
         assert!(!a.alloc_at(r + (2 << 20), 2 << 20));
-        assert!(!a.alloc_at(r + (6 << 20), 4 << 20), "must not cross the reservation's end");
+        assert!(
+            !a.alloc_at(r + (6 << 20), 4 << 20),
+            "must not cross the reservation's end"
+        );
         assert!(a.alloc_at(r, 2 << 20));
         assert_eq!(a.used(), (16 << 20) + (4 << 20));
         a.check_invariants();
         assert_eq!(a.unreserve(r), None, "still mapped");
         assert_eq!(a.free(r + (2 << 20)), Some(2 << 20));
         assert_eq!(a.free(r), Some(2 << 20));
-        assert_eq!(a.reservation_of(r, 8 << 20), Some((r, 8 << 20)), "unmapping keeps the reservation");
+        assert_eq!(
+            a.reservation_of(r, 8 << 20),
+            Some((r, 8 << 20)),
+            "unmapping keeps the reservation"
+        );
         a.check_invariants();
         assert_eq!(a.unreserve(r), Some(8 << 20));
         assert_eq!(a.unreserve(r), None);
@@ -456,9 +467,15 @@ mod tests {
         let r = a.reserve(3 << 20, 1 << 20).unwrap();
         assert_eq!(a.free_bytes(), 1 << 20, "a reservation takes no memory");
         let x = a.alloc(512 << 10).unwrap();
-        assert!(a.alloc(768 << 10).is_none(), "past the limit, though address space is free");
+        assert!(
+            a.alloc(768 << 10).is_none(),
+            "past the limit, though address space is free"
+        );
         assert!(!a.can_place_at(r, 768 << 10));
-        assert!(!a.alloc_at(r, 768 << 10), "mapping inside a reservation counts too");
+        assert!(
+            !a.alloc_at(r, 768 << 10),
+            "mapping inside a reservation counts too"
+        );
         assert!(a.alloc_at(r + (2 << 20), 512 << 10));
         assert_eq!(a.free_bytes(), 0);
         assert!(!a.fits_limit(1));

@@ -156,7 +156,14 @@ pub trait Backend: Send + Sync {
     fn memcpy_dtoh(&self, dst: HostRef, src: u64, stream: StreamId) -> BResult<()>;
     fn memcpy_dtod(&self, dst: u64, src: u64, bytes: u64, stream: StreamId) -> BResult<()>;
     /// `count` elements of `elem_bytes` (1, 2 or 4) set to the low bytes of `value`.
-    fn memset(&self, dst: u64, value: u32, elem_bytes: u8, count: u64, stream: StreamId) -> BResult<()>;
+    fn memset(
+        &self,
+        dst: u64,
+        value: u32,
+        elem_bytes: u8,
+        count: u64,
+        stream: StreamId,
+    ) -> BResult<()>;
 
     // ---- modules and kernels ----
     /// Loads an image (PTX text, NUL-terminated or not; the cuda backend also takes cubin/fatbin).
@@ -225,7 +232,9 @@ impl std::str::FromStr for BackendKind {
         match s {
             "cuda" => Ok(BackendKind::Cuda),
             "emulated" => Ok(BackendKind::Emulated),
-            other => Err(format!("unknown backend '{other}': use 'cuda' or 'emulated'")),
+            other => Err(format!(
+                "unknown backend '{other}': use 'cuda' or 'emulated'"
+            )),
         }
     }
 }
@@ -261,14 +270,20 @@ pub const ARENA_LIMIT: u64 = 0x8000_0000_0000;
 /// The arena's address space for `memory` bytes of device memory: `opts.arena_space`, or [`ARENA_SPACE_FACTOR`] times
 /// the memory; never less than the memory, rounded up to `align` (a power of two).
 pub fn arena_space(opts: &BackendOptions, memory: u64, align: u64) -> u64 {
-    let want = if opts.arena_space > 0 { opts.arena_space } else { memory.saturating_mul(ARENA_SPACE_FACTOR) };
+    let want = if opts.arena_space > 0 {
+        opts.arena_space
+    } else {
+        memory.saturating_mul(ARENA_SPACE_FACTOR)
+    };
     want.max(memory).next_multiple_of(align)
 }
 
 /// Creates a backend of the given kind.
 pub fn create(kind: BackendKind, opts: &BackendOptions) -> Result<Arc<dyn Backend>, String> {
     match kind {
-        BackendKind::Emulated => emulated::EmulatedBackend::new(opts).map(|b| Arc::new(b) as Arc<dyn Backend>),
+        BackendKind::Emulated => {
+            emulated::EmulatedBackend::new(opts).map(|b| Arc::new(b) as Arc<dyn Backend>)
+        }
         BackendKind::Cuda => cuda::CudaBackend::new(opts).map(|b| Arc::new(b) as Arc<dyn Backend>),
     }
 }
@@ -276,7 +291,13 @@ pub fn create(kind: BackendKind, opts: &BackendOptions) -> Result<Arc<dyn Backen
 /// The backend to use when none is named: `cuda` only where a driver and a GPU exist. Returns the kind and why.
 pub fn auto_detect() -> (BackendKind, String) {
     match cuda::probe() {
-        Ok(desc) => (BackendKind::Cuda, format!("CUDA driver and GPU found: {desc}")),
-        Err(why) => (BackendKind::Emulated, format!("using the emulated device: {why}")),
+        Ok(desc) => (
+            BackendKind::Cuda,
+            format!("CUDA driver and GPU found: {desc}"),
+        ),
+        Err(why) => (
+            BackendKind::Emulated,
+            format!("using the emulated device: {why}"),
+        ),
     }
 }

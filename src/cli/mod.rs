@@ -226,7 +226,8 @@ pub fn main(cli: Cli) -> i32 {
                 (Some(job), _) => {
                     let servers = server.map_or_else(control::discover, |s| vec![s]);
                     let d = std::time::Duration::from_secs(timeout);
-                    crate::nccl::job::checkpoint(&servers, &job, &out, stop, d).map(|m| println!("{m}"))
+                    crate::nccl::job::checkpoint(&servers, &job, &out, stop, d)
+                        .map(|m| println!("{m}"))
                 }
                 (None, Some(pid)) => state_cmd(
                     server,
@@ -252,8 +253,7 @@ pub fn main(cli: Cli) -> i32 {
                 (Some(pid), _, _) => Ok((server, pid)),
                 (None, Some(job), Some(rank)) => {
                     let servers = server.map_or_else(control::discover, |s| vec![s]);
-                    crate::nccl::restore::find_rank(&servers, &job, rank)
-                        .map(|(s, p)| (Some(s), p))
+                    crate::nccl::restore::find_rank(&servers, &job, rank).map(|(s, p)| (Some(s), p))
                 }
                 _ => Err("--pid, or --job with --rank, is required".to_string()),
             };
@@ -387,11 +387,17 @@ fn ps(server: Option<PathBuf>) -> Result<(), String> {
         }
         let jobs = crate::nccl::job::status(std::slice::from_ref(&s));
         if !jobs.is_empty() {
-            println!("  {:<28} {:>9} {:>8} {:>7} {:>12}  STATE", "NCCL JOB", "RANK", "PID", "SESSION", "COLLECTIVES");
+            println!(
+                "  {:<28} {:>9} {:>8} {:>7} {:>12}  STATE",
+                "NCCL JOB", "RANK", "PID", "SESSION", "COLLECTIVES"
+            );
             for (_, j) in jobs {
                 let rank = format!("{}/{}", j.rank, j.nranks);
                 let state = if j.held { "held at barrier" } else { "running" };
-                println!("  {:<28} {rank:>9} {:>8} {:>7} {:>12}  {state}", j.job, j.pid, j.session, j.collectives);
+                println!(
+                    "  {:<28} {rank:>9} {:>8} {:>7} {:>12}  {state}",
+                    j.job, j.pid, j.session, j.collectives
+                );
             }
         }
     }

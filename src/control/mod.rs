@@ -202,7 +202,10 @@ fn handle(server: &Arc<Server>, conn: &UnixStream) -> Result<(), String> {
             let _ = UnixStream::connect(&server.opts.socket);
             Ok(())
         }
-        ControlRequest::Job(j) => send(conn, &ControlReply::Job(crate::nccl::barrier::control(server, j))),
+        ControlRequest::Job(j) => send(
+            conn,
+            &ControlReply::Job(crate::nccl::barrier::control(server, j)),
+        ),
         other => crate::checkpoint::control(server, conn, other, &|r| send(conn, r)),
     }
 }

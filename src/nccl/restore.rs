@@ -144,7 +144,10 @@ pub fn restore_job_cmd(
             });
         }
         let child = c.spawn().map_err(|e| format!("{}: {e}", exe.display()))?;
-        println!("rank(s) {list}: restore server pid {} on {sock}", child.id());
+        println!(
+            "rank(s) {list}: restore server pid {} on {sock}",
+            child.id()
+        );
         kids.push((list, child));
     }
     // The restore servers serve until shut down; one that fails ends the whole restore.

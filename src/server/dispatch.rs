@@ -337,7 +337,9 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
         }
         Request::NcclCommInitRank { id, nranks, rank } => {
             let id = crate::nccl::UniqueId::from_bytes(&id).ok_or_else(|| {
-                tracing::warn!("ncclCommInitRank: the unique id was not made by devproxy's ncclGetUniqueId");
+                tracing::warn!(
+                    "ncclCommInitRank: the unique id was not made by devproxy's ncclGetUniqueId"
+                );
                 CuError::INVALID_VALUE
             })?;
             nccl_join(s, seg, id, rank, nranks)?
@@ -349,7 +351,11 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 CuError::UNKNOWN
             })? {
                 Some((id, rank, nranks)) => nccl_join(s, seg, id, rank, nranks)?,
-                None => Reply::NcclComm { comm: crate::protocol::Handle::NULL, rank: -1, nranks: 0 },
+                None => Reply::NcclComm {
+                    comm: crate::protocol::Handle::NULL,
+                    rank: -1,
+                    nranks: 0,
+                },
             }
         }
         Request::NcclCommDestroy { comm } => {
@@ -357,9 +363,17 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             Reply::Unit
         }
         Request::NcclCommGetAsyncError { comm } => {
-            Reply::Int(if nccl_comm(s, comm)?.async_error().is_some() { 6 } else { 0 })
+            Reply::Int(if nccl_comm(s, comm)?.async_error().is_some() {
+                6
+            } else {
+                0
+            })
         }
-        Request::MemAddressReserve { bytes, align, addr: _ } => {
+        Request::MemAddressReserve {
+            bytes,
+            align,
+            addr: _,
+        } => {
             let g = crate::protocol::VMM_GRANULARITY;
             if bytes == 0 || bytes & (g - 1) != 0 || (align != 0 && !align.is_power_of_two()) {
                 return Err(CuError::INVALID_VALUE);
@@ -400,13 +414,22 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 .next_back()
                 .is_some_and(|(base, len)| end <= base + len);
             // The range must cover whole mappings, and at least one.
-            let maps: Vec<(u64, u64)> = s.allocations.range(ptr..end).map(|(&a, al)| (a, al.bytes)).collect();
+            let maps: Vec<(u64, u64)> = s
+                .allocations
+                .range(ptr..end)
+                .map(|(&a, al)| (a, al.bytes))
+                .collect();
             let straddles = s
                 .allocations
                 .range(..ptr)
                 .next_back()
                 .is_some_and(|(&a, al)| a + al.bytes > ptr);
-            if bytes == 0 || !inside || maps.is_empty() || straddles || maps.iter().any(|&(a, l)| a + l > end) {
+            if bytes == 0
+                || !inside
+                || maps.is_empty()
+                || straddles
+                || maps.iter().any(|&(a, l)| a + l > end)
+            {
                 return Err(CuError::INVALID_VALUE);
             }
             for (a, _) in maps {
@@ -421,19 +444,28 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             for op in ops {
                 let comm = nccl_comm(s, op.comm)?;
                 let st = s.stream(op.stream)?;
-                let extents = op.kind.extents(op.count, op.dtype.size() as u64, comm.nranks as u64, comm.rank);
+                let extents = op.kind.extents(
+                    op.count,
+                    op.dtype.size() as u64,
+                    comm.nranks as u64,
+                    comm.rank,
+                );
                 if extents.0 > 0 {
                     s.check_range(op.send, extents.0)?;
                 }
                 if extents.1 > 0 {
                     s.check_range(op.recv, extents.1)?;
                 }
-                if let crate::nccl::OpKind::Broadcast { root } | crate::nccl::OpKind::Reduce { root } = op.kind {
+                if let crate::nccl::OpKind::Broadcast { root }
+                | crate::nccl::OpKind::Reduce { root } = op.kind
+                {
                     if root < 0 || root >= comm.nranks {
                         return Err(CuError::INVALID_VALUE);
                     }
                 }
-                if let crate::nccl::OpKind::Send { peer } | crate::nccl::OpKind::Recv { peer } = op.kind {
+                if let crate::nccl::OpKind::Send { peer } | crate::nccl::OpKind::Recv { peer } =
+                    op.kind
+                {
                     if peer < 0 || peer >= comm.nranks {
                         return Err(CuError::INVALID_VALUE);
                     }
@@ -442,7 +474,15 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                     s.check_range(p, op.dtype.size() as u64)?;
                 }
                 let seq = comm.next_seq(&op.kind);
-                items.push((st, crate::nccl::rank::Item { comm, op, seq, extents }));
+                items.push((
+                    st,
+                    crate::nccl::rank::Item {
+                        comm,
+                        op,
+                        seq,
+                        extents,
+                    },
+                ));
             }
             crate::nccl::rank::enqueue_group(&b, items)?;
             Reply::Unit
@@ -450,17 +490,31 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
     })
 }
 
-fn nccl_comm(s: &SessionState, h: crate::protocol::Handle) -> Result<std::sync::Arc<crate::nccl::RankComm>, CuError> {
+fn nccl_comm(
+    s: &SessionState,
+    h: crate::protocol::Handle,
+) -> Result<std::sync::Arc<crate::nccl::RankComm>, CuError> {
     s.nccl.get(&h).cloned().ok_or(CuError::INVALID_HANDLE)
 }
 
-fn nccl_join(s: &mut SessionState, seg: &Segment, id: crate::nccl::UniqueId, rank: i32, nranks: i32) -> Result<Reply, CuError> {
-    let comm = crate::nccl::RankComm::join(id, rank, nranks, seg as *const Segment as u64).map_err(|e| {
-        tracing::warn!("ncclCommInitRank: {e}");
-        CuError::INVALID_VALUE
-    })?;
+fn nccl_join(
+    s: &mut SessionState,
+    seg: &Segment,
+    id: crate::nccl::UniqueId,
+    rank: i32,
+    nranks: i32,
+) -> Result<Reply, CuError> {
+    let comm = crate::nccl::RankComm::join(id, rank, nranks, seg as *const Segment as u64)
+        .map_err(|e| {
+            tracing::warn!("ncclCommInitRank: {e}");
+            CuError::INVALID_VALUE
+        })?;
     s.set_next_handle(s.next_handle() + 1);
     let h = crate::protocol::Handle(s.next_handle());
     s.nccl.insert(h, comm);
-    Ok(Reply::NcclComm { comm: h, rank, nranks })
+    Ok(Reply::NcclComm {
+        comm: h,
+        rank,
+        nranks,
+    })
 }

@@ -112,7 +112,8 @@ pub fn resolve(name: &str, cuda_version: i32) -> Resolved {
         return resolve(base, cuda_version);
     }
     if split_version(name).is_some() {
-        return crate::legacy::find_any(name.as_bytes()).map_or(Resolved::NotFound, Resolved::Found);
+        return crate::legacy::find_any(name.as_bytes())
+            .map_or(Resolved::NotFound, Resolved::Found);
     }
     let mut too_new = false;
     let mut best: Option<(i32, &'static table::Entry)> =
@@ -346,7 +347,9 @@ mod torch_requests {
                 missing.push(format!("{name}@{version}/{flags}"));
                 continue;
             }
-            let Resolved::Found(e) = resolve(name, version) else { unreachable!() };
+            let Resolved::Found(e) = resolve(name, version) else {
+                unreachable!()
+            };
             assert_eq!(e.func.0, pfn as *const c_void);
             if e.implemented {
                 implemented += 1;
@@ -375,8 +378,16 @@ mod torch_requests {
             ("cuCtxGetDevice", 2000, "cuCtxGetDevice"),
             ("cuCtxGetDevice", 13000, "cuCtxGetDevice_v2"),
             ("cuDeviceGetUuid", 9020, "cuDeviceGetUuid"),
-            ("cuDevicePrimaryCtxRelease", 7000, "cuDevicePrimaryCtxRelease"),
-            ("cuDevicePrimaryCtxSetFlags", 11000, "cuDevicePrimaryCtxSetFlags_v2"),
+            (
+                "cuDevicePrimaryCtxRelease",
+                7000,
+                "cuDevicePrimaryCtxRelease",
+            ),
+            (
+                "cuDevicePrimaryCtxSetFlags",
+                11000,
+                "cuDevicePrimaryCtxSetFlags_v2",
+            ),
             ("cuEventElapsedTime", 2000, "cuEventElapsedTime"),
             ("cuEventElapsedTime", 12080, "cuEventElapsedTime_v2"),
             ("cuStreamGetCaptureInfo", 10010, "cuStreamGetCaptureInfo"),

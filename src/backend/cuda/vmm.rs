@@ -154,14 +154,24 @@ impl<M: Mapper> VmmArena<M> {
         if bytes == 0 {
             return Err(CuError::INVALID_VALUE);
         }
-        let size = bytes.checked_next_multiple_of(self.gran).ok_or(CuError::OUT_OF_MEMORY)?;
-        let align = align.max(self.gran).checked_next_power_of_two().ok_or(CuError::INVALID_VALUE)?;
-        self.allocs.reserve(size, align).ok_or(CuError::OUT_OF_MEMORY)
+        let size = bytes
+            .checked_next_multiple_of(self.gran)
+            .ok_or(CuError::OUT_OF_MEMORY)?;
+        let align = align
+            .max(self.gran)
+            .checked_next_power_of_two()
+            .ok_or(CuError::INVALID_VALUE)?;
+        self.allocs
+            .reserve(size, align)
+            .ok_or(CuError::OUT_OF_MEMORY)
     }
 
     /// Gives a reservation back; INVALID_VALUE if none starts at `addr` or memory is still mapped inside it.
     pub fn unreserve(&mut self, addr: u64) -> BResult<()> {
-        self.allocs.unreserve(addr).map(|_| ()).ok_or(CuError::INVALID_VALUE)
+        self.allocs
+            .unreserve(addr)
+            .map(|_| ())
+            .ok_or(CuError::INVALID_VALUE)
     }
 
     /// Records `[addr, addr + size)` (known free) and maps what it touches.

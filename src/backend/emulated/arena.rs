@@ -52,13 +52,25 @@ impl Arena {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let page = if page > 0 { page as u64 } else { 4096 };
         if size == 0 || size % page != 0 || base % page != 0 {
-            return Err(format!("arena of {size} bytes at {base:#x} is not page-aligned"));
+            return Err(format!(
+                "arena of {size} bytes at {base:#x} is not page-aligned"
+            ));
         }
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE;
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_NORESERVE
+            | libc::MAP_FIXED_NOREPLACE;
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping: the kernel either maps fresh anonymous
         // memory at `base` or fails; no Rust object refers to that range before this call.
         let p = unsafe {
-            libc::mmap(base as *mut libc::c_void, size as usize, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+            libc::mmap(
+                base as *mut libc::c_void,
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             let err = std::io::Error::last_os_error();
@@ -80,7 +92,16 @@ impl Arena {
         }
         let mut ranges = RangeAllocator::new(base, size, ALLOC_ALIGN);
         ranges.set_limit(memory.min(size));
-        Ok(Arena { base, size, memory: memory.min(size), page, table: RwLock::new(Table { ranges, snapshot: None }) })
+        Ok(Arena {
+            base,
+            size,
+            memory: memory.min(size),
+            page,
+            table: RwLock::new(Table {
+                ranges,
+                snapshot: None,
+            }),
+        })
     }
 
     /// (free, total) bytes of memory.
@@ -93,9 +114,15 @@ impl Arena {
         if bytes == 0 {
             return Err(CuError::INVALID_VALUE);
         }
-        let align = align.max(ALLOC_ALIGN).checked_next_power_of_two().ok_or(CuError::INVALID_VALUE)?;
+        let align = align
+            .max(ALLOC_ALIGN)
+            .checked_next_power_of_two()
+            .ok_or(CuError::INVALID_VALUE)?;
         let mut t = self.table.write();
-        let at = t.ranges.alloc_aligned(bytes, align).ok_or(CuError::OUT_OF_MEMORY)?;
+        let at = t
+            .ranges
+            .alloc_aligned(bytes, align)
+            .ok_or(CuError::OUT_OF_MEMORY)?;
         t.snapshot = None;
         Ok(at)
     }
@@ -119,13 +146,25 @@ impl Arena {
         if bytes == 0 {
             return Err(CuError::INVALID_VALUE);
         }
-        let align = align.max(ALLOC_ALIGN).checked_next_power_of_two().ok_or(CuError::INVALID_VALUE)?;
-        self.table.write().ranges.reserve(bytes, align).ok_or(CuError::OUT_OF_MEMORY)
+        let align = align
+            .max(ALLOC_ALIGN)
+            .checked_next_power_of_two()
+            .ok_or(CuError::INVALID_VALUE)?;
+        self.table
+            .write()
+            .ranges
+            .reserve(bytes, align)
+            .ok_or(CuError::OUT_OF_MEMORY)
     }
 
     /// Gives a reservation back; INVALID_VALUE if none starts at `addr` or memory is still allocated inside it.
     pub fn unreserve(&self, addr: u64) -> Result<(), CuError> {
-        self.table.write().ranges.unreserve(addr).map(|_| ()).ok_or(CuError::INVALID_VALUE)
+        self.table
+            .write()
+            .ranges
+            .unreserve(addr)
+            .map(|_| ())
+            .ok_or(CuError::INVALID_VALUE)
     }
 
     /// Frees the allocation starting at `addr`; returns its size. Large ranges go back to the OS.
@@ -140,7 +179,13 @@ impl Arena {
                 // SAFETY: [lo, hi) lies inside the arena mapping and inside a range that was just freed, so no
                 // enqueued operation or allocation refers to it (the caller synchronized the device first); dropping
                 // the pages of a private anonymous mapping only makes them read as zero.
-                unsafe { libc::madvise(lo as *mut libc::c_void, (hi - lo) as usize, libc::MADV_DONTNEED) };
+                unsafe {
+                    libc::madvise(
+                        lo as *mut libc::c_void,
+                        (hi - lo) as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
             }
         }
         Ok(len)

@@ -59,7 +59,9 @@ pub fn ptx_of(image: &[u8]) -> Result<Vec<u8>, String> {
                 lz4_block(&data[..payload.min(data.len())], raw_size)
                     .map_err(|w| format!("sm_{sm} PTX: {w}"))
             } else if flags & FLAG_COMPRESSED_ZSTD != 0 {
-                Err(format!("sm_{sm} PTX is zstd-compressed (no zstd decoder in devproxy yet)"))
+                Err(format!(
+                    "sm_{sm} PTX is zstd-compressed (no zstd decoder in devproxy yet)"
+                ))
             } else if flags & FLAG_COMPRESSED_OLD != 0 {
                 Err(format!(
                     "sm_{sm} PTX uses the old fatbin compression (not supported)"

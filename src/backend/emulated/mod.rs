@@ -33,8 +33,8 @@ use self::arena::{snapshot_contains, Arena, Snapshot};
 use self::module::{FuncState, ModuleState};
 use self::stream::{check, Ctx, ErrState, EvStatus, Event, Op, Stream};
 use super::{
-    BResult, Backend, BackendOptions, CtxId, EventId, FuncId, FuncLayout, GlobalSym, HostRef, ModuleId, StreamId,
-    ARENA_BASE,
+    BResult, Backend, BackendOptions, CtxId, EventId, FuncId, FuncLayout, GlobalSym, HostRef,
+    ModuleId, StreamId, ARENA_BASE,
 };
 use crate::protocol::{CuError, DeviceInfo};
 use parking_lot::{Mutex, RwLock};
@@ -65,20 +65,27 @@ pub const ATTRIBUTE_OVERRIDES: &[(i32, i32)] = &[
 
 /// Parses the attribute table (`[1024, 1024, None, ...]`).
 fn parse_attributes(text: &str) -> Result<Vec<Option<i32>>, String> {
-    let body = text.trim().strip_prefix('[').and_then(|t| t.strip_suffix(']')).ok_or("not a list")?;
+    let body = text
+        .trim()
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .ok_or("not a list")?;
     body.split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(|t| match t {
             "None" => Ok(None),
-            n => n.parse::<i32>().map(Some).map_err(|e| format!("bad attribute value '{n}': {e}")),
+            n => n
+                .parse::<i32>()
+                .map(Some)
+                .map_err(|e| format!("bad attribute value '{n}': {e}")),
         })
         .collect()
 }
 
 fn device_attributes() -> Result<Vec<Option<i32>>, String> {
-    let mut attrs =
-        parse_attributes(H100_ATTRIBUTES).map_err(|e| format!("built-in H100 attribute table is invalid: {e}"))?;
+    let mut attrs = parse_attributes(H100_ATTRIBUTES)
+        .map_err(|e| format!("built-in H100 attribute table is invalid: {e}"))?;
     for &(a, v) in ATTRIBUTE_OVERRIDES {
         if let Some(slot) = attrs.get_mut(a as usize - 1) {
             *slot = Some(v);
@@ -115,7 +122,8 @@ struct LaunchMem<'a> {
 impl ptx::DeviceMemory for LaunchMem<'_> {
     fn translate(&self, addr: u64, len: u64) -> Option<*mut u8> {
         let len = len.max(1);
-        (snapshot_contains(&self.snap, addr, len) || self.arena.check(addr, len)).then_some(addr as *mut u8)
+        (snapshot_contains(&self.snap, addr, len) || self.arena.check(addr, len))
+            .then_some(addr as *mut u8)
     }
 }
 
@@ -137,7 +145,10 @@ fn map_launch_error(e: ptx::LaunchError) -> CuError {
             );
             CuError::ILLEGAL_ADDRESS
         }
-        L::Unsupported { kernel, instruction } => {
+        L::Unsupported {
+            kernel,
+            instruction,
+        } => {
             tracing::warn!("kernel '{kernel}' uses '{instruction}', which the PTX interpreter does not support");
             CuError::NOT_SUPPORTED
         }
@@ -174,12 +185,20 @@ impl EmulatedBackend {
     /// The arena at `base`, its address space at most `max_space` (and never less than the memory).
     fn with_base_and_cap(opts: &BackendOptions, base: u64, max_space: u64) -> Result<Self, String> {
         const MAP_ALIGN: u64 = 2 << 20;
-        let bytes = if opts.arena_bytes == 0 { DEFAULT_ARENA_BYTES } else { opts.arena_bytes };
+        let bytes = if opts.arena_bytes == 0 {
+            DEFAULT_ARENA_BYTES
+        } else {
+            opts.arena_bytes
+        };
         let bytes = bytes.div_ceil(MAP_ALIGN) * MAP_ALIGN;
-        let space = super::arena_space(opts, bytes, MAP_ALIGN).min(max_space).max(bytes);
+        let space = super::arena_space(opts, bytes, MAP_ALIGN)
+            .min(max_space)
+            .max(bytes);
         let arena = Arena::map(base, space, bytes)?;
         let host_threads = match opts.threads {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             n => n,
         };
         let mut uuid = *b"devproxy-emu-gpu";
@@ -219,23 +238,43 @@ impl EmulatedBackend {
     }
 
     fn ctx(&self, id: u64) -> BResult<Arc<Ctx>> {
-        self.ctxs.read().get(&id).cloned().ok_or(CuError::INVALID_CONTEXT)
+        self.ctxs
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(CuError::INVALID_CONTEXT)
     }
 
     fn stream(&self, id: StreamId) -> BResult<Arc<Stream>> {
-        self.streams.read().get(&id.0).cloned().ok_or(CuError::INVALID_HANDLE)
+        self.streams
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or(CuError::INVALID_HANDLE)
     }
 
     fn event(&self, id: EventId) -> BResult<Arc<Event>> {
-        self.events.read().get(&id.0).cloned().ok_or(CuError::INVALID_HANDLE)
+        self.events
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or(CuError::INVALID_HANDLE)
     }
 
     fn module(&self, id: ModuleId) -> BResult<Arc<ModuleState>> {
-        self.modules.read().get(&id.0).cloned().ok_or(CuError::INVALID_HANDLE)
+        self.modules
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or(CuError::INVALID_HANDLE)
     }
 
     fn func(&self, id: FuncId) -> BResult<Arc<FuncState>> {
-        self.funcs.read().get(&id.0).cloned().ok_or(CuError::INVALID_HANDLE)
+        self.funcs
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or(CuError::INVALID_HANDLE)
     }
 
     /// The stream and its context, failing if the context is poisoned.
@@ -277,7 +316,8 @@ impl EmulatedBackend {
     /// A failing operation, for error tests.
     #[cfg(test)]
     fn enqueue_error(&self, stream: StreamId, e: CuError) -> BResult<()> {
-        self.enqueue(stream, Op::Run(Box::new(move || Err(e)))).map(|_| ())
+        self.enqueue(stream, Op::Run(Box::new(move || Err(e))))
+            .map(|_| ())
     }
 
     fn free_module_globals(&self, m: &ModuleState) {
@@ -305,14 +345,22 @@ impl Backend for EmulatedBackend {
         let id = self.new_id();
         let errs = Arc::new(ErrState::default());
         let default = Stream::start(self.new_id(), id, 0, true, errs.clone())?;
-        let ctx = Arc::new(Ctx { errs, default: default.clone(), streams: Mutex::new(Vec::new()) });
+        let ctx = Arc::new(Ctx {
+            errs,
+            default: default.clone(),
+            streams: Mutex::new(Vec::new()),
+        });
         self.streams.write().insert(default.id, default);
         self.ctxs.write().insert(id, ctx);
         Ok(CtxId(id))
     }
 
     fn context_destroy(&self, ctx: CtxId) -> BResult<()> {
-        let c = self.ctxs.write().remove(&ctx.0).ok_or(CuError::INVALID_CONTEXT)?;
+        let c = self
+            .ctxs
+            .write()
+            .remove(&ctx.0)
+            .ok_or(CuError::INVALID_CONTEXT)?;
         let streams = c.all_streams();
         {
             let mut map = self.streams.write();
@@ -326,7 +374,11 @@ impl Backend for EmulatedBackend {
         self.events.write().retain(|_, e| e.ctx != ctx.0);
         let mods: Vec<Arc<ModuleState>> = {
             let mut map = self.modules.write();
-            let ids: Vec<u64> = map.values().filter(|m| m.ctx == ctx.0).map(|m| m.id).collect();
+            let ids: Vec<u64> = map
+                .values()
+                .filter(|m| m.ctx == ctx.0)
+                .map(|m| m.id)
+                .collect();
             ids.iter().filter_map(|id| map.remove(id)).collect()
         };
         if !mods.is_empty() {
@@ -339,7 +391,10 @@ impl Backend for EmulatedBackend {
     }
 
     fn default_stream(&self, ctx: CtxId) -> StreamId {
-        self.ctxs.read().get(&ctx.0).map_or(StreamId(0), |c| StreamId(c.default.id))
+        self.ctxs
+            .read()
+            .get(&ctx.0)
+            .map_or(StreamId(0), |c| StreamId(c.default.id))
     }
 
     fn context_synchronize(&self, ctx: CtxId) -> BResult<()> {
@@ -444,7 +499,9 @@ impl Backend for EmulatedBackend {
         }
         self.ctx(ctx.0)?;
         let id = self.new_id();
-        self.events.write().insert(id, Arc::new(Event::new(ctx.0, flags)));
+        self.events
+            .write()
+            .insert(id, Arc::new(Event::new(ctx.0, flags)));
         Ok(EventId(id))
     }
 
@@ -475,7 +532,9 @@ impl Backend for EmulatedBackend {
             return Err(CuError::INVALID_HANDLE);
         }
         match (a.status(), b.status()) {
-            (EvStatus::NeverRecorded, _) | (_, EvStatus::NeverRecorded) => Err(CuError::INVALID_HANDLE),
+            (EvStatus::NeverRecorded, _) | (_, EvStatus::NeverRecorded) => {
+                Err(CuError::INVALID_HANDLE)
+            }
             (EvStatus::Done(t0), EvStatus::Done(t1)) => {
                 let ms = if t1 >= t0 {
                     t1.duration_since(t0).as_secs_f64() * 1e3
@@ -489,7 +548,11 @@ impl Backend for EmulatedBackend {
     }
 
     fn event_destroy(&self, event: EventId) -> BResult<()> {
-        self.events.write().remove(&event.0).map(|_| ()).ok_or(CuError::INVALID_HANDLE)
+        self.events
+            .write()
+            .remove(&event.0)
+            .map(|_| ())
+            .ok_or(CuError::INVALID_HANDLE)
     }
 
     fn memcpy_htod(&self, dst: u64, src: HostRef, stream: StreamId) -> BResult<()> {
@@ -502,7 +565,8 @@ impl Backend for EmulatedBackend {
         let op = match src {
             HostRef::Transient(s) => {
                 // SAFETY: a transient span is valid for reads for the duration of this call (HostRef's contract).
-                let bytes = unsafe { std::slice::from_raw_parts(s.ptr as *const u8, s.len) }.to_vec();
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(s.ptr as *const u8, s.len) }.to_vec();
                 Op::HtoD { dst, src: bytes }
             }
             HostRef::Pinned(s) => Op::HtoDPinned { dst, src: s },
@@ -533,10 +597,18 @@ impl Backend for EmulatedBackend {
         }
         check(&self.arena, dst, bytes)?;
         check(&self.arena, src, bytes)?;
-        self.enqueue(stream, Op::DtoD { dst, src, bytes }).map(|_| ())
+        self.enqueue(stream, Op::DtoD { dst, src, bytes })
+            .map(|_| ())
     }
 
-    fn memset(&self, dst: u64, value: u32, elem_bytes: u8, count: u64, stream: StreamId) -> BResult<()> {
+    fn memset(
+        &self,
+        dst: u64,
+        value: u32,
+        elem_bytes: u8,
+        count: u64,
+        stream: StreamId,
+    ) -> BResult<()> {
         if !matches!(elem_bytes, 1 | 2 | 4) || dst % u64::from(elem_bytes) != 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -544,9 +616,20 @@ impl Backend for EmulatedBackend {
         if count == 0 {
             return Ok(());
         }
-        let bytes = count.checked_mul(elem_bytes.into()).ok_or(CuError::INVALID_VALUE)?;
+        let bytes = count
+            .checked_mul(elem_bytes.into())
+            .ok_or(CuError::INVALID_VALUE)?;
         check(&self.arena, dst, bytes)?;
-        self.enqueue(stream, Op::Memset { dst, value, elem: elem_bytes, count }).map(|_| ())
+        self.enqueue(
+            stream,
+            Op::Memset {
+                dst,
+                value,
+                elem: elem_bytes,
+                count,
+            },
+        )
+        .map(|_| ())
     }
 
     fn module_load(&self, ctx: CtxId, image: &[u8]) -> BResult<ModuleId> {
@@ -604,7 +687,11 @@ impl Backend for EmulatedBackend {
                 const_bytes += g.size;
             }
             addrs.push(ptr);
-            globals.push(GlobalSym { name: g.name.clone(), ptr, bytes: g.size });
+            globals.push(GlobalSym {
+                name: g.name.clone(),
+                ptr,
+                bytes: g.size,
+            });
         }
         let id = self.new_id();
         let m = ModuleState {
@@ -621,7 +708,11 @@ impl Backend for EmulatedBackend {
     }
 
     fn module_unload(&self, module: ModuleId) -> BResult<()> {
-        let m = self.modules.write().remove(&module.0).ok_or(CuError::INVALID_HANDLE)?;
+        let m = self
+            .modules
+            .write()
+            .remove(&module.0)
+            .ok_or(CuError::INVALID_HANDLE)?;
         self.funcs.write().retain(|_, f| f.module.id != m.id);
         // Queued launches of this module may still read its globals.
         let _g = self.free_lock.lock();
@@ -635,7 +726,10 @@ impl Backend for EmulatedBackend {
     fn module_function(&self, module: ModuleId, name: &str) -> BResult<(FuncId, FuncLayout)> {
         let m = self.module(module)?;
         let mut names = m.funcs.lock();
-        if let Some(f) = names.get(name).and_then(|id| self.funcs.read().get(id).cloned()) {
+        if let Some(f) = names
+            .get(name)
+            .and_then(|id| self.funcs.read().get(id).cloned())
+        {
             return Ok((FuncId(f.id), f.layout.clone()));
         }
         let info = m.ptx.kernel(name).ok_or_else(|| {
@@ -652,7 +746,11 @@ impl Backend for EmulatedBackend {
 
     fn module_global(&self, module: ModuleId, name: &str) -> BResult<(u64, u64)> {
         let m = self.module(module)?;
-        m.globals.iter().find(|g| g.name == name).map(|g| (g.ptr, g.bytes)).ok_or(CuError::NOT_FOUND)
+        m.globals
+            .iter()
+            .find(|g| g.name == name)
+            .map(|g| (g.ptr, g.bytes))
+            .ok_or(CuError::NOT_FOUND)
     }
 
     fn module_globals(&self, module: ModuleId) -> BResult<Vec<GlobalSym>> {
@@ -697,8 +795,15 @@ impl Backend for EmulatedBackend {
         };
         let arena = self.arena.clone();
         let job = move || {
-            let mem = LaunchMem { snap: arena.snapshot(), arena: &arena };
-            module.ptx.launch(&name, &cfg, &params, &module.global_addrs, &mem).map(|_| ()).map_err(map_launch_error)
+            let mem = LaunchMem {
+                snap: arena.snapshot(),
+                arena: &arena,
+            };
+            module
+                .ptx
+                .launch(&name, &cfg, &params, &module.global_addrs, &mem)
+                .map(|_| ())
+                .map_err(map_launch_error)
         };
         self.enqueue(stream, Op::Run(Box::new(job))).map(|_| ())
     }
@@ -710,7 +815,14 @@ impl Backend for EmulatedBackend {
     fn read_device(&self, src: u64, dst: &mut [u8]) -> BResult<()> {
         check(&self.arena, src, dst.len() as u64)?;
         // SAFETY: the source range lies inside one live allocation (checked above); `dst` is a distinct Rust buffer.
-        unsafe { stream::bulk_copy(dst.as_mut_ptr(), src as *const u8, dst.len(), self.host_threads) };
+        unsafe {
+            stream::bulk_copy(
+                dst.as_mut_ptr(),
+                src as *const u8,
+                dst.len(),
+                self.host_threads,
+            )
+        };
         Ok(())
     }
 
@@ -723,7 +835,12 @@ impl Backend for EmulatedBackend {
 }
 
 /// cuLaunchKernel's geometry checks, done at enqueue so the caller gets the error at once.
-fn check_geometry(f: &FuncState, grid: [u32; 3], block: [u32; 3], shared_bytes: u32) -> BResult<()> {
+fn check_geometry(
+    f: &FuncState,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+) -> BResult<()> {
     const MAX_BLOCK: [u32; 3] = [1024, 1024, 64];
     const MAX_GRID: [u32; 3] = [i32::MAX as u32, 65535, 65535];
     for i in 0..3 {

@@ -59,14 +59,24 @@ mod attr {
 
 impl FuncState {
     pub fn new(id: u64, module: Arc<ModuleState>, name: &str, info: ptx::KernelInfo) -> FuncState {
-        let params: Vec<ParamSlot> = info.params.iter().map(|p| ParamSlot { offset: p.offset, size: p.size }).collect();
+        let params: Vec<ParamSlot> = info
+            .params
+            .iter()
+            .map(|p| ParamSlot {
+                offset: p.offset,
+                size: p.size,
+            })
+            .collect();
         let params_bytes = params.iter().map(|p| p.offset + p.size).max().unwrap_or(0);
         let max_dyn = SHARED_DEFAULT.saturating_sub(info.static_shared_bytes);
         FuncState {
             id,
             module,
             name: name.to_string(),
-            layout: FuncLayout { params, params_bytes },
+            layout: FuncLayout {
+                params,
+                params_bytes,
+            },
             info,
             max_dynamic_shared: AtomicI32::new(max_dyn as i32),
             carveout: AtomicI32::new(-1),

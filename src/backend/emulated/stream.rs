@@ -82,7 +82,9 @@ pub struct ErrState {
 impl ErrState {
     pub fn record(&self, e: CuError) {
         if e.is_sticky() {
-            let _ = self.sticky.compare_exchange(0, e.0, Ordering::AcqRel, Ordering::Acquire);
+            let _ = self
+                .sticky
+                .compare_exchange(0, e.0, Ordering::AcqRel, Ordering::Acquire);
         } else {
             self.pending.lock().get_or_insert(e);
         }
@@ -127,20 +129,33 @@ pub struct Stream {
 
 impl Stream {
     /// Creates the stream and starts its worker.
-    pub fn start(id: u64, ctx: u64, flags: u32, is_default: bool, errs: Arc<ErrState>) -> BResultStream {
+    pub fn start(
+        id: u64,
+        ctx: u64,
+        flags: u32,
+        is_default: bool,
+        errs: Arc<ErrState>,
+    ) -> BResultStream {
         let s = Arc::new(Stream {
             id,
             ctx,
             flags,
             is_default,
             errs,
-            q: Mutex::new(Queue { ops: VecDeque::new(), enqueued: 0, completed: 0, shutdown: false }),
+            q: Mutex::new(Queue {
+                ops: VecDeque::new(),
+                enqueued: 0,
+                completed: 0,
+                shutdown: false,
+            }),
             cv: Condvar::new(),
             worker: Mutex::new(None),
         });
         let w = s.clone();
-        let handle =
-            std::thread::Builder::new().name(format!("devproxy-stream-{id}")).spawn(move || w.run()).map_err(|e| {
+        let handle = std::thread::Builder::new()
+            .name(format!("devproxy-stream-{id}"))
+            .spawn(move || w.run())
+            .map_err(|e| {
                 tracing::error!("cannot start a stream worker thread: {e}");
                 CuError::OUT_OF_MEMORY
             })?;
@@ -227,7 +242,10 @@ impl Stream {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => self.errs.record(e),
                 Err(_) => {
-                    tracing::error!("stream {} work panicked; reporting CUDA_ERROR_LAUNCH_FAILED", self.id);
+                    tracing::error!(
+                        "stream {} work panicked; reporting CUDA_ERROR_LAUNCH_FAILED",
+                        self.id
+                    );
                     self.errs.record(CuError::LAUNCH_FAILED);
                 }
             }
@@ -271,7 +289,12 @@ impl Stream {
                 // SAFETY: see above.
                 std::ptr::copy(src as *const u8, dst as *mut u8, bytes as usize)
             },
-            Op::Memset { dst, value, elem, count } => {
+            Op::Memset {
+                dst,
+                value,
+                elem,
+                count,
+            } => {
                 // SAFETY: as for copies; `dst` is aligned to `elem` (checked at enqueue).
                 unsafe { memset_raw(dst, value, elem, count) }
             }
@@ -326,7 +349,12 @@ impl Ctx {
             return Vec::new();
         }
         if s.is_default {
-            self.streams.lock().iter().filter(|b| b.blocking()).filter_map(|b| b.pending_position()).collect()
+            self.streams
+                .lock()
+                .iter()
+                .filter(|b| b.blocking())
+                .filter_map(|b| b.pending_position())
+                .collect()
         } else {
             self.default.pending_position().into_iter().collect()
         }
@@ -373,7 +401,11 @@ pub enum EvStatus {
 
 impl Event {
     pub fn new(ctx: u64, flags: u32) -> Event {
-        Event { ctx, flags, st: Mutex::new(EvState::default()) }
+        Event {
+            ctx,
+            flags,
+            st: Mutex::new(EvState::default()),
+        }
     }
 
     /// Records on `s`: the event now stands for everything enqueued on `s` up to this point.
@@ -431,7 +463,9 @@ pub unsafe fn bulk_copy(dst: *mut u8, src: *const u8, len: usize, threads: usize
             }
             scope.spawn(move || {
                 // SAFETY: disjoint sub-ranges of ranges the caller guarantees.
-                unsafe { std::ptr::copy_nonoverlapping((s + off) as *const u8, (d + off) as *mut u8, n) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping((s + off) as *const u8, (d + off) as *mut u8, n)
+                };
             });
         }
     });

@@ -5,7 +5,12 @@ use crate::backend::HostSpan;
 use std::time::{Duration, Instant};
 
 fn backend(arena_mib: u64) -> EmulatedBackend {
-    let opts = BackendOptions { device: 0, arena_bytes: arena_mib << 20, threads: 2, ..Default::default() };
+    let opts = BackendOptions {
+        device: 0,
+        arena_bytes: arena_mib << 20,
+        threads: 2,
+        ..Default::default()
+    };
     EmulatedBackend::new_for_tests(&opts).expect("test arena")
 }
 
@@ -17,7 +22,10 @@ fn with_ctx(arena_mib: u64) -> (EmulatedBackend, CtxId, StreamId) {
 }
 
 fn transient(buf: &mut [u8]) -> HostRef {
-    HostRef::Transient(HostSpan { ptr: buf.as_mut_ptr(), len: buf.len() })
+    HostRef::Transient(HostSpan {
+        ptr: buf.as_mut_ptr(),
+        len: buf.len(),
+    })
 }
 
 fn htod(b: &EmulatedBackend, dst: u64, bytes: &[u8], s: StreamId) {
@@ -32,7 +40,10 @@ fn dtoh(b: &EmulatedBackend, src: u64, len: usize, s: StreamId) -> Vec<u8> {
 }
 
 fn u32s(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 // ---------------------------------------------------------------- device description, arena
@@ -43,7 +54,11 @@ fn device_info_describes_an_h100_arena() {
     let i = b.info();
     assert_eq!(i.backend, "emulated");
     assert_eq!(i.total_mem, 64 << 20);
-    assert_eq!(i.arena_bytes, crate::backend::ARENA_SPACE_FACTOR * (64 << 20), "address space, not memory");
+    assert_eq!(
+        i.arena_bytes,
+        crate::backend::ARENA_SPACE_FACTOR * (64 << 20),
+        "address space, not memory"
+    );
     assert_eq!(i.driver_version, 13000);
     assert_eq!(i.attribute(1), Some(1024)); // MAX_THREADS_PER_BLOCK
     assert_eq!(i.attribute(16), Some(132)); // MULTIPROCESSOR_COUNT
@@ -51,16 +66,25 @@ fn device_info_describes_an_h100_arena() {
     assert_eq!(i.attribute(102), Some(0)); // VMM overridden
     assert_eq!(i.attribute(0), None);
     assert_eq!(i.attributes.len(), 149);
-    assert_eq!(parse_attributes("[1, None, -1]").unwrap(), vec![Some(1), None, Some(-1)]);
+    assert_eq!(
+        parse_attributes("[1, None, -1]").unwrap(),
+        vec![Some(1), None, Some(-1)]
+    );
 }
 
 #[test]
 fn the_fixed_arena_address_is_never_shared_or_relocated() {
     let b = backend(4);
     let base = b.info().arena_base;
-    let err = EmulatedBackend::with_base(&BackendOptions { arena_bytes: 4 << 20, ..Default::default() }, base)
-        .err()
-        .expect("second arena at the same address must fail");
+    let err = EmulatedBackend::with_base(
+        &BackendOptions {
+            arena_bytes: 4 << 20,
+            ..Default::default()
+        },
+        base,
+    )
+    .err()
+    .expect("second arena at the same address must fail");
     assert!(err.contains("fixed address"), "{err}");
 }
 
@@ -87,9 +111,15 @@ fn alloc_free_alloc_at_and_mem_info() {
     assert_eq!(b.mem_info().0, free0);
     // Exact placement, as restore needs; overlapping placement fails.
     b.mem_alloc_at(base + (1 << 20), 4096).unwrap();
-    assert_eq!(b.mem_alloc_at(base + (1 << 20) + 256, 256), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.mem_alloc_at(base + (1 << 20) + 256, 256),
+        Err(CuError::INVALID_VALUE)
+    );
     assert_eq!(b.mem_alloc_at(base + 100, 256), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.mem_alloc_at(base + b.info().arena_bytes, 256), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.mem_alloc_at(base + b.info().arena_bytes, 256),
+        Err(CuError::INVALID_VALUE)
+    );
     b.mem_free(base + (1 << 20)).unwrap();
     // Out of memory, then coalescing gives the whole arena back.
     let big = b.mem_alloc(12 << 20).unwrap();
@@ -114,10 +144,17 @@ fn reservations_take_address_space_and_mappings_take_memory() {
     b.mem_alloc_at(big, 8 << 20).unwrap();
     b.mem_alloc_at(small, 4 << 20).unwrap();
     assert_eq!(b.mem_info().0, 4 << 20);
-    assert_eq!(b.mem_alloc_at(big + (8 << 20), 6 << 20), Err(CuError::OUT_OF_MEMORY), "capped by memory");
+    assert_eq!(
+        b.mem_alloc_at(big + (8 << 20), 6 << 20),
+        Err(CuError::OUT_OF_MEMORY),
+        "capped by memory"
+    );
     assert_eq!(b.mem_alloc(6 << 20), Err(CuError::OUT_OF_MEMORY));
     let p = b.mem_alloc(4 << 20).unwrap();
-    assert!(p + (4 << 20) <= big.min(small) || p >= big.max(small) + (18 << 20), "first fit skips reservations");
+    assert!(
+        p + (4 << 20) <= big.min(small) || p >= big.max(small) + (18 << 20),
+        "first fit skips reservations"
+    );
     b.mem_free(p).unwrap();
     b.mem_free(big).unwrap();
     b.mem_free(small).unwrap();
@@ -157,24 +194,45 @@ fn copies_and_memsets_with_offsets() {
 
     // q + 1 .. q + 257 holds 0..=255, so byte 7 is 6 and survives a 7-byte memset.
     b.memset(q, 0x5a, 1, 7, s).unwrap();
-    assert_eq!(dtoh(&b, q, 8, s), [0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 6]);
+    assert_eq!(
+        dtoh(&b, q, 8, s),
+        [0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 6]
+    );
     b.memset(q + 512, 0, 1, 8, s).unwrap();
     b.memset(q + 512, 0xbeef_1234, 2, 3, s).unwrap();
-    assert_eq!(dtoh(&b, q + 512, 8, s), [0x34, 0x12, 0x34, 0x12, 0x34, 0x12, 0, 0]);
+    assert_eq!(
+        dtoh(&b, q + 512, 8, s),
+        [0x34, 0x12, 0x34, 0x12, 0x34, 0x12, 0, 0]
+    );
     b.memset(q + 128, 0xdead_beef, 4, 3, s).unwrap();
     assert_eq!(u32s(&dtoh(&b, q + 128, 12, s)), vec![0xdead_beef; 3]);
 
     // Range and argument validation at enqueue.
     let mut buf = vec![0u8; 16];
-    assert_eq!(b.memcpy_htod(p + 4090, transient(&mut buf), s), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.memcpy_dtoh(transient(&mut buf), p + 4090, s), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.memcpy_dtod(p, q + 4095, 2, s), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.memcpy_htod(p + 4090, transient(&mut buf), s),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.memcpy_dtoh(transient(&mut buf), p + 4090, s),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.memcpy_dtod(p, q + 4095, 2, s),
+        Err(CuError::INVALID_VALUE)
+    );
     assert_eq!(b.memset(q + 1, 0, 2, 1, s), Err(CuError::INVALID_VALUE));
     assert_eq!(b.memset(q, 0, 3, 1, s), Err(CuError::INVALID_VALUE));
     assert_eq!(b.memset(q, 0, 4, 1025, s), Err(CuError::INVALID_VALUE));
     let unallocated = b.info().arena_base + (8 << 20);
-    assert_eq!(b.memcpy_htod(unallocated, transient(&mut buf), s), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.memcpy_htod(p, transient(&mut buf), StreamId(999_999)), Err(CuError::INVALID_HANDLE));
+    assert_eq!(
+        b.memcpy_htod(unallocated, transient(&mut buf), s),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.memcpy_htod(p, transient(&mut buf), StreamId(999_999)),
+        Err(CuError::INVALID_HANDLE)
+    );
     b.stream_synchronize(s).unwrap();
 }
 
@@ -184,14 +242,20 @@ fn pinned_copies_run_in_stream_order() {
     let s = b.stream_create(c, 0, 0).unwrap();
     let p = b.mem_alloc(64).unwrap();
     let mut pinned = vec![1u8; 64];
-    let span = HostSpan { ptr: pinned.as_mut_ptr(), len: 64 };
+    let span = HostSpan {
+        ptr: pinned.as_mut_ptr(),
+        len: 64,
+    };
     b.enqueue_sleep(s, Duration::from_millis(50)).unwrap();
     b.memcpy_htod(p, HostRef::Pinned(span), s).unwrap();
     // The pinned source is read when the copy runs, after the sleep: this write is what lands.
     // SAFETY: the stream is still sleeping, so nothing reads the buffer concurrently.
     unsafe { span.ptr.write_bytes(9, 64) };
     let mut out = vec![0u8; 64];
-    let out_span = HostSpan { ptr: out.as_mut_ptr(), len: 64 };
+    let out_span = HostSpan {
+        ptr: out.as_mut_ptr(),
+        len: 64,
+    };
     b.memcpy_dtoh(HostRef::Pinned(out_span), p, s).unwrap();
     assert!(!b.stream_query(s).unwrap());
     b.stream_synchronize(s).unwrap();
@@ -212,7 +276,10 @@ fn read_write_device_bulk() {
     b.read_device(p, &mut dst).unwrap();
     assert!(dst == src);
     assert_eq!(b.read_device(p + 1, &mut dst), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.write_device(p - 256, &src[..16]), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.write_device(p - 256, &src[..16]),
+        Err(CuError::INVALID_VALUE)
+    );
 }
 
 // ---------------------------------------------------------------- streams and events
@@ -249,7 +316,10 @@ fn streams_wait_for_events() {
     b.memcpy_dtod(p + 4, p, 4, s2).unwrap();
     let t = Instant::now();
     b.stream_synchronize(s2).unwrap();
-    assert!(t.elapsed() < Duration::from_millis(1200), "s2 waited for the second record");
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "s2 waited for the second record"
+    );
     assert_eq!(u32s(&dtoh(&b, p, 8, s2)), vec![5, 5]);
     b.event_synchronize(ev).unwrap();
     assert!(b.event_query(ev).unwrap());
@@ -265,7 +335,8 @@ fn legacy_default_stream_orders_blocking_streams_only() {
     b.context_synchronize(c).unwrap();
 
     // Default-stream work waits for earlier work on a blocking stream.
-    b.enqueue_sleep(blocking, Duration::from_millis(80)).unwrap();
+    b.enqueue_sleep(blocking, Duration::from_millis(80))
+        .unwrap();
     b.memset(p, 1, 4, 1, blocking).unwrap();
     b.memcpy_dtod(p + 4, p, 4, d).unwrap();
     b.stream_synchronize(d).unwrap();
@@ -286,7 +357,8 @@ fn legacy_default_stream_orders_blocking_streams_only() {
     assert!(t.elapsed() < Duration::from_millis(800));
     // ...and the default stream does not wait for it.
     b.context_synchronize(c).unwrap();
-    b.enqueue_sleep(nonblocking, Duration::from_millis(1000)).unwrap();
+    b.enqueue_sleep(nonblocking, Duration::from_millis(1000))
+        .unwrap();
     b.memset(p, 4, 4, 1, d).unwrap();
     let t = Instant::now();
     b.stream_synchronize(d).unwrap();
@@ -318,7 +390,10 @@ fn events_elapsed_and_not_ready() {
     assert!(b.event_elapsed(e1, e0).unwrap() < 0.0);
     assert_eq!(b.event_elapsed(e0, nt), Err(CuError::INVALID_HANDLE));
     assert_eq!(b.event_create(c, 8), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.event_create(c, stream::EVENT_INTERPROCESS), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.event_create(c, stream::EVENT_INTERPROCESS),
+        Err(CuError::INVALID_VALUE)
+    );
     b.event_destroy(e0).unwrap();
     assert_eq!(b.event_query(e0), Err(CuError::INVALID_HANDLE));
     assert_eq!(b.stream_destroy(d), Err(CuError::INVALID_HANDLE));
@@ -513,9 +588,18 @@ fn non_ptx_images_are_refused() {
     let mut fatbin = 0x466243b1u32.to_le_bytes().to_vec();
     fatbin.extend_from_slice(&[0; 64]);
     assert_eq!(b.module_load(c, &fatbin), Err(CuError::NOT_SUPPORTED));
-    assert_eq!(b.module_load(c, b"\x7fELF\x02\x01\x01\0\0\0"), Err(CuError::NOT_SUPPORTED));
-    assert_eq!(b.module_load(c, &[0xff, 0xfe, 0x00, 0x80]), Err(CuError::NOT_SUPPORTED));
-    assert_eq!(b.module_load(c, b"this is not ptx\0"), Err(CuError::INVALID_PTX));
+    assert_eq!(
+        b.module_load(c, b"\x7fELF\x02\x01\x01\0\0\0"),
+        Err(CuError::NOT_SUPPORTED)
+    );
+    assert_eq!(
+        b.module_load(c, &[0xff, 0xfe, 0x00, 0x80]),
+        Err(CuError::NOT_SUPPORTED)
+    );
+    assert_eq!(
+        b.module_load(c, b"this is not ptx\0"),
+        Err(CuError::INVALID_PTX)
+    );
     assert_eq!(module::strip_nul(b"abc\0\0"), b"abc");
 }
 
@@ -532,32 +616,71 @@ fn vector_add_kernel_runs() {
     assert_eq!(b.module_function(m, "nope"), Err(CuError::NOT_FOUND));
 
     let n = 1000u32;
-    let (a, bb, out) = (b.mem_alloc(4000).unwrap(), b.mem_alloc(4000).unwrap(), b.mem_alloc(4000).unwrap());
+    let (a, bb, out) = (
+        b.mem_alloc(4000).unwrap(),
+        b.mem_alloc(4000).unwrap(),
+        b.mem_alloc(4000).unwrap(),
+    );
     let xs: Vec<u8> = (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let ys: Vec<u8> = (0..n).flat_map(|i| (2.0 * i as f32).to_le_bytes()).collect();
+    let ys: Vec<u8> = (0..n)
+        .flat_map(|i| (2.0 * i as f32).to_le_bytes())
+        .collect();
     htod(&b, a, &xs, d);
     htod(&b, bb, &ys, d);
-    let p = params(&[&a.to_le_bytes(), &bb.to_le_bytes(), &out.to_le_bytes(), &n.to_le_bytes()]);
-    b.launch(f, [n.div_ceil(128), 1, 1], [128, 1, 1], 0, d, &p).unwrap();
+    let p = params(&[
+        &a.to_le_bytes(),
+        &bb.to_le_bytes(),
+        &out.to_le_bytes(),
+        &n.to_le_bytes(),
+    ]);
+    b.launch(f, [n.div_ceil(128), 1, 1], [128, 1, 1], 0, d, &p)
+        .unwrap();
     let got = dtoh(&b, out, 4000, d);
-    let got: Vec<f32> = got.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let got: Vec<f32> = got
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert!(got.iter().enumerate().all(|(i, &v)| v == 3.0 * i as f32));
     b.stream_synchronize(d).unwrap();
 
     // Geometry and parameter errors at the launch call itself.
-    assert_eq!(b.launch(f, [1, 1, 1], [1025, 1, 1], 0, d, &p), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.launch(f, [1, 1, 1], [32, 32, 2], 0, d, &p), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.launch(f, [1, 1, 1], [1, 1, 65], 0, d, &p), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.launch(f, [0, 1, 1], [1, 1, 1], 0, d, &p), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.launch(f, [1, 65536, 1], [1, 1, 1], 0, d, &p), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.launch(f, [1, 1, 1], [1, 1, 1], 49153, d, &p), Err(CuError::INVALID_VALUE));
-    assert_eq!(b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &p[..24]), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.launch(f, [1, 1, 1], [1025, 1, 1], 0, d, &p),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.launch(f, [1, 1, 1], [32, 32, 2], 0, d, &p),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.launch(f, [1, 1, 1], [1, 1, 65], 0, d, &p),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.launch(f, [0, 1, 1], [1, 1, 1], 0, d, &p),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.launch(f, [1, 65536, 1], [1, 1, 1], 0, d, &p),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.launch(f, [1, 1, 1], [1, 1, 1], 49153, d, &p),
+        Err(CuError::INVALID_VALUE)
+    );
+    assert_eq!(
+        b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &p[..24]),
+        Err(CuError::INVALID_VALUE)
+    );
 
     // Shared-memory opt-in.
     assert_eq!(b.func_get_attribute(f, 8).unwrap(), 49152);
     b.func_set_attribute(f, 8, 100_000).unwrap();
     assert_eq!(b.func_get_attribute(f, 8).unwrap(), 100_000);
-    assert_eq!(b.func_set_attribute(f, 8, 300_000), Err(CuError::INVALID_VALUE));
+    assert_eq!(
+        b.func_set_attribute(f, 8, 300_000),
+        Err(CuError::INVALID_VALUE)
+    );
     assert_eq!(b.func_get_attribute(f, 0).unwrap(), 1024);
     assert_eq!(b.func_get_attribute(f, 5).unwrap(), 90);
     assert_eq!(b.func_get_attribute(f, 9).unwrap(), -1);
@@ -575,7 +698,11 @@ fn slow_kernel_then_copy_on_the_same_stream() {
     let (f, _) = b.module_function(m, "spin").unwrap();
     let out = b.mem_alloc(4).unwrap();
     b.memset(out, 0, 4, 1, d).unwrap();
-    let p = params(&[&out.to_le_bytes(), &200_000u32.to_le_bytes(), &42u32.to_le_bytes()]);
+    let p = params(&[
+        &out.to_le_bytes(),
+        &200_000u32.to_le_bytes(),
+        &42u32.to_le_bytes(),
+    ]);
     b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &p).unwrap();
     assert_eq!(u32s(&dtoh(&b, out, 4, d)), vec![42]);
 }
@@ -586,14 +713,19 @@ fn illegal_address_is_sticky() {
     let m = b.module_load(c, VADD_PTX.as_bytes()).unwrap();
     let (f, _) = b.module_function(m, "poke").unwrap();
     let ok = b.mem_alloc(256).unwrap();
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &ok.to_le_bytes()).unwrap();
+    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &ok.to_le_bytes())
+        .unwrap();
     b.stream_synchronize(d).unwrap();
     // Just past the allocation's 256 bytes: inside the arena mapping, outside every allocation.
     let bad = ok + 256;
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &bad.to_le_bytes()).unwrap();
+    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &bad.to_le_bytes())
+        .unwrap();
     assert_eq!(b.stream_synchronize(d), Err(CuError::ILLEGAL_ADDRESS));
     assert_eq!(b.context_synchronize(c), Err(CuError::ILLEGAL_ADDRESS));
-    assert_eq!(b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &ok.to_le_bytes()), Err(CuError::ILLEGAL_ADDRESS));
+    assert_eq!(
+        b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &ok.to_le_bytes()),
+        Err(CuError::ILLEGAL_ADDRESS)
+    );
 }
 
 #[test]
@@ -607,13 +739,19 @@ fn module_globals_are_initialised_and_visible() {
     let (table, n) = b.module_global(m, "table").unwrap();
     assert_eq!(dtoh(&b, table, n as usize, d), vec![1, 2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(b.module_global(m, "missing"), Err(CuError::NOT_FOUND));
-    let names: Vec<String> = b.module_globals(m).unwrap().into_iter().map(|g| g.name).collect();
+    let names: Vec<String> = b
+        .module_globals(m)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
     assert_eq!(names, ["counter", "table", "scale"]);
 
     let (f, _) = b.module_function(m, "bump").unwrap();
     assert_eq!(b.func_get_attribute(f, 2).unwrap(), 4);
     let out = b.mem_alloc(4).unwrap();
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &out.to_le_bytes()).unwrap();
+    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &out.to_le_bytes())
+        .unwrap();
     assert_eq!(u32s(&dtoh(&b, out, 4, d)), vec![21]);
     assert_eq!(u32s(&dtoh(&b, counter, 4, d)), vec![21]);
     b.mem_free(out).unwrap();
@@ -637,7 +775,10 @@ fn unsupported_ptx_is_not_supported() {
     ret;
 }
 "#;
-    assert_eq!(b.module_load(c, image.as_bytes()), Err(CuError::NOT_SUPPORTED));
+    assert_eq!(
+        b.module_load(c, image.as_bytes()),
+        Err(CuError::NOT_SUPPORTED)
+    );
 }
 
 #[test]
@@ -650,7 +791,11 @@ fn kernel_on_one_stream_event_wait_on_another() {
     let (spin, _) = b.module_function(m, "spin").unwrap();
     let out = b.mem_alloc(8).unwrap();
     b.memset(out, 0, 4, 2, s1).unwrap();
-    let p = params(&[&out.to_le_bytes(), &300_000u32.to_le_bytes(), &77u32.to_le_bytes()]);
+    let p = params(&[
+        &out.to_le_bytes(),
+        &300_000u32.to_le_bytes(),
+        &77u32.to_le_bytes(),
+    ]);
     b.launch(spin, [1, 1, 1], [1, 1, 1], 0, s1, &p).unwrap();
     b.event_record(ev, s1).unwrap();
     b.stream_wait_event(s2, ev, 0).unwrap();
