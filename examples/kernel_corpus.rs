@@ -1,12 +1,12 @@
 //! kernel_corpus: every kernel of the PTX interpreter's test corpus (`ptx/tests/corpus/kernels.cu`), run through an
-//! ordinary cudarc program and checked against the same CPU references as `ptx/tests/corpus.rs`.
+//! ordinary cudarc program and checked by the same code as `ptx/tests/corpus.rs` (`ptx/tests/corpus/checks.rs`, included by both).
 //!
 //! The corpus tests call the interpreter directly; this program takes the road an application takes: NVRTC compiles
 //! the source, `load_module` loads it, and every kernel is launched through cudarc's safe API (struct-by-value,
 //! dynamic shared memory, 3-D grids and module globals all go through it). Natively it runs on a GPU; under
 //! `devproxy run -- target/debug/examples/kernel_corpus` every call goes through the proxy.
 //!
-//! Inputs, launch shapes and tolerances are those of `ptx/tests/corpus.rs` (same generator and seeds): bit-exact
+//! Inputs, launch shapes and tolerances are those of the shared checks (same generator and seeds): bit-exact
 //! where the GPU computes exactly (the references use `mul_add` where NVRTC contracts `a*b+c` into `fma.rn`, so this
 //! compiles with NVRTC's default `--fmad=true`, unlike the other examples), a relative tolerance of 1e-5 (absolute
 //! 1e-6 near zero) for the `.approx` paths. Two corpus checks are not kernels' results and are not repeated here:
@@ -18,17 +18,17 @@
 //! `__global__` kernel in the source without a check here is a failure, not a skip.
 //! Options: `--only NAME` (run one kernel).
 
-// Index loops mirror the kernels' indexing, as in ptx/tests/corpus.rs.
-#![allow(clippy::needless_range_loop)]
-
 #[path = "common/mod.rs"]
 mod common;
 
+#[path = "../ptx/tests/corpus/checks.rs"]
+mod checks;
+
 use std::sync::Arc;
 
+use checks::{Arg, Shape};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 const SRC: &str = include_str!("../ptx/tests/corpus/kernels.cu");
@@ -64,55 +64,83 @@ fn compile(src: &str) -> Result<cudarc::nvrtc::Ptx, String> {
     cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| format!("NVRTC failed: {e}"))
 }
 
-/// The generator of ptx/tests/common/mod.rs, so the inputs are the corpus tests' inputs.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 17
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % (hi - lo) as u64) as i64
-    }
-    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (self.next() % 1_000_000) as f32 / 1_000_000.0 * (hi - lo)
-    }
-}
+/// A scalar or by-value struct argument, copied into storage as aligned as any corpus parameter. The driver reads as
+/// many bytes as the kernel's parameter has, from the start.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct Blob([u8; 64]);
+// SAFETY: plain bytes without pointers; every call site fills the first bytes with the parameter's little-endian
+// value or struct layout (checks.rs), and the parameter is never larger than the blob (checked in `launch`).
+unsafe impl DeviceRepr for Blob {}
 
+/// cudarc on the current context as a [`checks::Device`]: buffers are `CudaSlice<u8>`s, indexed by handle.
 struct Env {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    bufs: Vec<CudaSlice<u8>>,
 }
 
-type Check = Result<(), String>;
-type CheckFn = fn(&Env) -> Check;
-
-impl Env {
-    fn func(&self, name: &str) -> Result<CudaFunction, String> {
-        self.module
-            .load_function(name)
-            .map_err(|e| format!("load_function: {e}"))
+impl checks::Device for Env {
+    fn upload(&mut self, bytes: &[u8]) -> Result<usize, String> {
+        let s = self
+            .stream
+            .clone_htod(bytes)
+            .map_err(|e| format!("copy to device: {e}"))?;
+        self.bufs.push(s);
+        Ok(self.bufs.len() - 1)
     }
-    fn up<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>, String> {
+    fn download(&mut self, buf: usize) -> Result<Vec<u8>, String> {
         self.stream
-            .clone_htod(v)
-            .map_err(|e| format!("copy to device: {e}"))
-    }
-    fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>, String> {
-        self.stream
-            .alloc_zeros(n)
-            .map_err(|e| format!("alloc: {e}"))
-    }
-    fn down<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Result<Vec<T>, String> {
-        self.stream
-            .clone_dtoh(s)
+            .clone_dtoh(&self.bufs[buf])
             .map_err(|e| format!("copy from device: {e}"))
     }
-    /// Reads a module global (`__device__` or `__constant__`) as bytes.
-    fn global(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn launch(&mut self, name: &str, shape: Shape, args: &[Arg]) -> Result<(), String> {
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| format!("load_function: {e}"))?;
+        let mut blobs = Vec::with_capacity(args.len());
+        for a in args {
+            let mut b = Blob([0; 64]);
+            let bytes: Vec<u8> = match a {
+                Arg::Buf(_) => Vec::new(),
+                Arg::I32(v) => v.to_le_bytes().to_vec(),
+                Arg::F32(v) => v.to_le_bytes().to_vec(),
+                Arg::F64(v) => v.to_le_bytes().to_vec(),
+                Arg::Raw(bytes, align) => {
+                    if bytes.len() > b.0.len() || *align > 16 {
+                        return Err(format!(
+                            "by-value argument of {} bytes does not fit",
+                            bytes.len()
+                        ));
+                    }
+                    bytes.clone()
+                }
+            };
+            b.0[..bytes.len()].copy_from_slice(&bytes);
+            blobs.push(b);
+        }
+        let mut lb = self.stream.launch_builder(&f);
+        for (a, b) in args.iter().zip(&blobs) {
+            match a {
+                Arg::Buf(i) => lb.arg(&self.bufs[*i]),
+                _ => lb.arg(b),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: shape.grid_dim,
+            block_dim: shape.block_dim,
+            shared_mem_bytes: shape.shared_mem_bytes,
+        };
+        // SAFETY: the checks pass the arguments of the kernel's signature in kernels.cu, in order and of the same
+        // types (device buffers as pointers, sized for the launch shape; scalars and structs as blobs holding their
+        // bytes).
+        unsafe { lb.launch(cfg) }.map_err(|e| format!("launch: {e}"))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| format!("synchronize: {e}"))
+    }
+    fn global(&mut self, name: &str) -> Result<Vec<u8>, String> {
         let view = self
             .module
             .get_global(name, &self.stream)
@@ -123,910 +151,6 @@ impl Env {
     }
 }
 
-fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: block,
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Launches kernel `$name` with the given arguments (references to values that outlive the statement).
-macro_rules! launch {
-    ($env:expr, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
-        let f = $env.func($name)?;
-        let mut b = $env.stream.launch_builder(&f);
-        $( b.arg($arg); )*
-        // SAFETY: every call site passes the arguments of the kernel's signature in kernels.cu, in order and of the
-        // same types, with device buffers sized for the launch shape as in ptx/tests/corpus.rs.
-        unsafe { b.launch($cfg) }.map_err(|e| format!("launch: {e}"))?;
-    }};
-}
-
-/// Returns `Err(message)` from the enclosing check when `cond` is false.
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        let ok: bool = $cond;
-        if !ok {
-            return Err(format!($($msg)+));
-        }
-    };
-}
-
-fn close(got: f32, want: f64, rel: f64) -> bool {
-    ((got as f64) - want).abs() <= rel * want.abs().max(0.1)
-}
-
-fn saxpy(e: &Env) -> Check {
-    let n = 1000usize;
-    let mut r = Rng(1);
-    let x: Vec<f32> = (0..n).map(|_| r.f32(-10.0, 10.0)).collect();
-    let y: Vec<f32> = (0..n).map(|_| r.f32(-10.0, 10.0)).collect();
-    let (dx, mut dy) = (e.up(&x)?, e.up(&y)?);
-    let (n32, alpha) = (n as i32, 1.7f32);
-    launch!(
-        e,
-        "saxpy",
-        cfg((8, 1, 1), (128, 1, 1)),
-        &n32,
-        &alpha,
-        &dx,
-        &mut dy
-    );
-    let out = e.down(&dy)?;
-    for i in 0..n {
-        let want = alpha.mul_add(x[i], y[i]);
-        ensure!(
-            out[i].to_bits() == want.to_bits(),
-            "i={i}: {} vs {want}",
-            out[i]
-        );
-    }
-    Ok(())
-}
-
-fn daxpy_grid_stride(e: &Env) -> Check {
-    let n = 3001usize;
-    let mut r = Rng(2);
-    let x: Vec<f64> = (0..n).map(|_| r.f32(0.0, 10.0) as f64).collect();
-    let y: Vec<f64> = (0..n).map(|_| r.f32(-5.0, 5.0) as f64).collect();
-    let (dx, mut dy) = (e.up(&x)?, e.up(&y)?);
-    let (n32, al) = (n as i32, 0.75f64);
-    launch!(
-        e,
-        "daxpy_grid_stride",
-        cfg((5, 1, 1), (96, 1, 1)),
-        &n32,
-        &al,
-        &dx,
-        &mut dy
-    );
-    let out = e.down(&dy)?;
-    for i in 0..n {
-        // NVRTC's contraction choices are not reproduced: 1e-14 relative, as in the corpus test.
-        let want = al.mul_add(x[i], y[i]) + x[i] * y[i] - al / (x[i] + 3.0);
-        ensure!(
-            (out[i] - want).abs() <= 1e-14 * want.abs().max(1.0),
-            "i={i}: {} vs {want}",
-            out[i]
-        );
-    }
-    Ok(())
-}
-
-fn int_ops(e: &Env) -> Check {
-    let n = 777usize;
-    let mut r = Rng(3);
-    let mut xs: Vec<i32> = (0..n).map(|_| r.next() as i32).collect();
-    let mut ys: Vec<i32> = (0..n).map(|_| r.range(-100000, 100000) as i32).collect();
-    xs[0] = i32::MIN + 1;
-    ys[1] = 0;
-    xs[2] = -7;
-    ys[2] = 2;
-    let (dx, dy) = (e.up(&xs)?, e.up(&ys)?);
-    let mut dout = e.zeros::<i32>(n * 12)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "int_ops",
-        cfg((7, 1, 1), (128, 1, 1)),
-        &n32,
-        &dx,
-        &dy,
-        &mut dout
-    );
-    let out = e.down(&dout)?;
-    let prmt = |a: u32, b: u32, s: u32| {
-        let bytes = (a as u64) | ((b as u64) << 32);
-        (0..4).fold(0u32, |acc, k| {
-            acc | ((((bytes >> (((s >> (4 * k)) & 7) * 8)) & 0xff) as u32) << (8 * k))
-        })
-    };
-    for i in 0..n {
-        let (x, y) = (xs[i], ys[i]);
-        let yy = if y == 0 { 1 } else { y };
-        let (ux, uy) = (x as u32, yy as u32);
-        let w = x as i64 * y as i64;
-        let want = [
-            x.wrapping_div(yy),
-            x.wrapping_rem(yy),
-            (ux / uy) as i32,
-            (ux % uy) as i32,
-            ((x as i64 * y as i64) >> 32) as i32,
-            ((ux as u64 * y as u32 as u64) >> 32) as i32,
-            (ux.wrapping_shl((y & 31) as u32) as i32) ^ ((ux >> (y & 15)) as i32) ^ (x >> 3),
-            x.min(y)
-                .wrapping_add(x.max(y).wrapping_mul(3))
-                .wrapping_sub(x.wrapping_abs()),
-            ux.count_ones() as i32 + 100 * x.leading_zeros() as i32,
-            ux.reverse_bits() as i32,
-            (((ux >> 5) & 0x3ff) as i32)
-                .wrapping_add(prmt(ux, y as u32, 0x3210 + (i as u32 & 7)) as i32),
-            ((w >> 17) as i32).wrapping_add(((w as i128 * 12345678901i128) >> 64) as i32),
-        ];
-        let got = &out[i * 12..i * 12 + 12];
-        ensure!(got == want, "i={i} x={x} y={y}: {got:?} vs {want:?}");
-    }
-    Ok(())
-}
-
-fn reduce_sum(e: &Env) -> Check {
-    let n = 1000usize;
-    let mut r = Rng(4);
-    let x: Vec<f32> = (0..n).map(|_| r.f32(-1.0, 1.0)).collect();
-    let dx = e.up(&x)?;
-    let blocks = n.div_ceil(512);
-    let mut dout = e.zeros::<f32>(blocks)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "reduce_sum",
-        cfg((blocks as u32, 1, 1), (256, 1, 1)),
-        &dx,
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    for b in 0..blocks {
-        let mut s = [0f32; 256];
-        for (t, sv) in s.iter_mut().enumerate() {
-            let i = b * 512 + t;
-            let mut v = 0.0f32;
-            if i < n {
-                v = x[i];
-            }
-            if i + 256 < n {
-                v += x[i + 256];
-            }
-            *sv = v;
-        }
-        let mut stride = 128;
-        while stride > 0 {
-            for t in 0..stride {
-                s[t] += s[t + stride];
-            }
-            stride >>= 1;
-        }
-        ensure!(
-            out[b].to_bits() == s[0].to_bits(),
-            "block {b}: {} vs {}",
-            out[b],
-            s[0]
-        );
-    }
-    Ok(())
-}
-
-fn atomics(e: &Env) -> Check {
-    let n = 1000usize;
-    let vals: Vec<i32> = (0..n).map(|i| (i as i32 * 37) % 200 - 50).collect();
-    let din = e.up(&vals)?;
-    let mut diacc = e.up(&[0i32, i32::MIN, i32::MAX, 0, 5])?;
-    let mut dfacc = e.up(&[0f32])?;
-    let mut ddacc = e.up(&[0f64, 0f64])?;
-    let mut duacc = e.up(&[0u32, 500, 0, 0xffff_ffff, 0])?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "atomics",
-        cfg((8, 1, 1), (128, 1, 1)),
-        &n32,
-        &din,
-        &mut diacc,
-        &mut dfacc,
-        &mut ddacc,
-        &mut duacc
-    );
-    let ia = e.down(&diacc)?;
-    let fa = e.down(&dfacc)?;
-    let da = e.down(&ddacc)?;
-    let cnt = da[1].to_bits();
-    let ua = e.down(&duacc)?;
-    let eq = |what: &str, got: String, want: String| -> Check {
-        ensure!(got == want, "{what}: {got} vs {want}");
-        Ok(())
-    };
-    eq(
-        "atomicAdd int",
-        ia[0].to_string(),
-        vals.iter().sum::<i32>().to_string(),
-    )?;
-    eq(
-        "atomicMax",
-        ia[1].to_string(),
-        vals.iter().max().unwrap().to_string(),
-    )?;
-    eq(
-        "atomicMin",
-        ia[2].to_string(),
-        vals.iter().min().unwrap().to_string(),
-    )?;
-    eq("atomicExch", ia[3].to_string(), "42".into())?;
-    let cas = 5 + vals.iter().map(|v| 2 * v + 1).sum::<i32>();
-    eq("atomicCAS loop", ia[4].to_string(), cas.to_string())?;
-    let fsum = vals.iter().map(|v| (v & 0xff) as f32 * 0.5).sum::<f32>();
-    eq(
-        "atomicAdd float",
-        format!("{:?}", fa[0]),
-        format!("{fsum:?}"),
-    )?;
-    let dsum = vals.iter().map(|&v| v as f64 * 0.25).sum::<f64>();
-    eq(
-        "atomicAdd double",
-        format!("{:?}", da[0]),
-        format!("{dsum:?}"),
-    )?;
-    eq("atomicAdd u64", cnt.to_string(), n.to_string())?;
-    eq("atomicInc", ua[0].to_string(), (n % 101).to_string())?;
-    eq("atomicDec", ua[1].to_string(), "501".into())?;
-    let or = vals.iter().fold(0u32, |acc, v| acc | 1 << (v & 31));
-    eq("atomicOr", ua[2].to_string(), or.to_string())?;
-    eq("atomicAnd", ua[3].to_string(), "0".into())?;
-    let xor = vals.iter().fold(0u32, |acc, &v| acc ^ v as u32);
-    eq("atomicXor", ua[4].to_string(), xor.to_string())
-}
-
-fn warp_reduce(e: &Env) -> Check {
-    let n = 1000usize;
-    let mut r = Rng(5);
-    let vals: Vec<i32> = (0..n).map(|_| r.range(0, 100) as i32).collect();
-    let din = e.up(&vals)?;
-    let mut dout = e.zeros::<i32>(n * 4)?;
-    let mut dball = e.zeros::<u32>(32)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "warp_reduce",
-        cfg((8, 1, 1), (128, 1, 1)),
-        &din,
-        &mut dout,
-        &mut dball,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    let ball = e.down(&dball)?;
-    for w in 0..32 {
-        let v: Vec<i32> = (0..32)
-            .map(|l| vals.get(w * 32 + l).copied().unwrap_or(0))
-            .collect();
-        let sum: i32 = v.iter().sum();
-        let mx = *v.iter().max().unwrap();
-        let all = v.iter().all(|&x| x >= 0) as i32;
-        let any = v.iter().any(|&x| x > 90) as i32;
-        let b = v
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (l, &x)| acc | (((x > 10) as u32) << l));
-        ensure!(ball[w] == b, "ballot warp {w}: {:#x} vs {b:#x}", ball[w]);
-        let mut pre = 0;
-        for l in 0..32 {
-            let i = w * 32 + l;
-            pre += v[l];
-            if i >= n {
-                continue;
-            }
-            ensure!(out[i * 4] == pre, "scan i={i}: {} vs {pre}", out[i * 4]);
-            ensure!(
-                out[i * 4 + 1] == v[3],
-                "bcast i={i}: {} vs {}",
-                out[i * 4 + 1],
-                v[3]
-            );
-            let want = if l == 0 { sum } else { -1 };
-            ensure!(
-                out[i * 4 + 2] == want,
-                "sum i={i}: {} vs {want}",
-                out[i * 4 + 2]
-            );
-            let want = mx + all * 1000 + any * 10000;
-            ensure!(
-                out[i * 4 + 3] == want,
-                "max i={i}: {} vs {want}",
-                out[i * 4 + 3]
-            );
-        }
-    }
-    Ok(())
-}
-
-fn matmul_tiled(e: &Env) -> Check {
-    let (mm, nn, kk) = (37usize, 29usize, 45usize);
-    let mut r = Rng(6);
-    let am: Vec<f32> = (0..mm * kk).map(|_| r.f32(-1.0, 1.0)).collect();
-    let bm: Vec<f32> = (0..kk * nn).map(|_| r.f32(-1.0, 1.0)).collect();
-    let (da, db) = (e.up(&am)?, e.up(&bm)?);
-    let mut dc = e.zeros::<f32>(mm * nn)?;
-    let (m32, n32, k32) = (mm as i32, nn as i32, kk as i32);
-    let shape = cfg(
-        (nn.div_ceil(16) as u32, mm.div_ceil(16) as u32, 1),
-        (16, 16, 1),
-    );
-    launch!(
-        e,
-        "matmul_tiled",
-        shape,
-        &da,
-        &db,
-        &mut dc,
-        &m32,
-        &n32,
-        &k32
-    );
-    let c = e.down(&dc)?;
-    for i in 0..mm {
-        for j in 0..nn {
-            let mut acc = 0f32;
-            for k in 0..kk.div_ceil(16) * 16 {
-                let (x, y) = if k < kk {
-                    (am[i * kk + k], bm[k * nn + j])
-                } else {
-                    (0.0, 0.0)
-                };
-                acc = x.mul_add(y, acc);
-            }
-            let got = c[i * nn + j];
-            ensure!(
-                got.to_bits() == acc.to_bits(),
-                "C[{i}][{j}]: {got} vs {acc}"
-            );
-        }
-    }
-    Ok(())
-}
-
-fn softmax_rows(e: &Env) -> Check {
-    let (rows, cols) = (5usize, 300usize);
-    let mut r = Rng(7);
-    let x: Vec<f32> = (0..rows * cols).map(|_| r.f32(-8.0, 8.0)).collect();
-    let dx = e.up(&x)?;
-    let mut dy = e.zeros::<f32>(rows * cols)?;
-    let c32 = cols as i32;
-    launch!(
-        e,
-        "softmax_rows",
-        cfg((rows as u32, 1, 1), (128, 1, 1)),
-        &dx,
-        &mut dy,
-        &c32
-    );
-    let y = e.down(&dy)?;
-    for rr in 0..rows {
-        let row = &x[rr * cols..(rr + 1) * cols];
-        let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let s: f64 = row.iter().map(|&v| (v as f64 - mx).exp()).sum();
-        for c in 0..cols {
-            let want = (row[c] as f64 - mx).exp() / s;
-            let got = y[rr * cols + c];
-            ensure!(close(got, want, 1e-5), "[{rr}][{c}]: {got} vs {want}");
-        }
-    }
-    Ok(())
-}
-
-fn scan_block(e: &Env) -> Check {
-    let n = 1000usize;
-    let mut r = Rng(8);
-    let x: Vec<i32> = (0..n).map(|_| r.range(-50, 50) as i32).collect();
-    let dx = e.up(&x)?;
-    let mut dy = e.zeros::<i32>(n)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "scan_block",
-        cfg((4, 1, 1), (256, 1, 1)),
-        &dx,
-        &mut dy,
-        &n32
-    );
-    let y = e.down(&dy)?;
-    for b in 0..4 {
-        let mut acc = 0;
-        for t in 0..256 {
-            let i = b * 256 + t;
-            if i >= n {
-                break;
-            }
-            acc += x[i];
-            ensure!(y[i] == acc, "i={i}: {} vs {acc}", y[i]);
-        }
-    }
-    Ok(())
-}
-
-fn histogram(e: &Env) -> Check {
-    let n = 10007usize;
-    let mut r = Rng(9);
-    let data: Vec<u8> = (0..n).map(|_| r.next() as u8).collect();
-    let dd = e.up(&data)?;
-    let mut db = e.zeros::<u32>(64)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "histogram",
-        cfg((8, 1, 1), (96, 1, 1)),
-        &dd,
-        &n32,
-        &mut db
-    );
-    let bins = e.down(&db)?;
-    let mut want = [0u32; 64];
-    for &d in &data {
-        want[(d & 63) as usize] += 1;
-    }
-    ensure!(bins == want, "bins {bins:?} vs {want:?}");
-    Ok(())
-}
-
-/// `struct Params` of kernels.cu, passed by value: 32 bytes, 8-aligned. The padding after `tag` is spelled out so
-/// every byte handed to the driver is initialised.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct StructParams {
-    scale: f32,
-    offset: i32,
-    bias: f64,
-    tag: i8,
-    _pad: [u8; 3],
-    dims: [i32; 3],
-}
-const _: () = assert!(std::mem::size_of::<StructParams>() == 32);
-const _: () = assert!(std::mem::align_of::<StructParams>() == 8);
-// SAFETY: plain `repr(C)` data without pointers, laid out exactly as the CUDA struct (checked above).
-unsafe impl DeviceRepr for StructParams {}
-
-fn struct_by_value(e: &Env) -> Check {
-    let n = 100usize;
-    let p = StructParams {
-        scale: 1.25,
-        offset: -3,
-        bias: 0.1,
-        tag: -5,
-        _pad: [0; 3],
-        dims: [6, 7, 40],
-    };
-    let mut dout = e.zeros::<f32>(n)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "struct_by_value",
-        cfg((1, 1, 1), (128, 1, 1)),
-        &p,
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    for (i, &o) in out.iter().enumerate() {
-        let want = 1.25f32.mul_add((i as i32 - 3) as f32, 0.1f64 as f32) + -5.0 + 2.0;
-        ensure!(o.to_bits() == want.to_bits(), "i={i}: {o} vs {want}");
-    }
-    Ok(())
-}
-
-fn device_calls(e: &Env) -> Check {
-    let n = 300usize;
-    let mut dout = e.zeros::<f32>(n)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "device_calls",
-        cfg((3, 1, 1), (128, 1, 1)),
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    let coeffs = [1, 2, 3, 4, 5, 6, 7, 8];
-    for (i, &o) in out.iter().enumerate() {
-        let x = (i as f32).mul_add(0.001, 0.5);
-        let k = (i & 7) + 1;
-        let mut acc = 0f32;
-        for c in coeffs.iter().take(k) {
-            acc = acc.mul_add(x, *c as f32);
-        }
-        let mut v = i as i64 + 1;
-        let mut steps = 0;
-        while v != 1 && steps < 1000 {
-            v = if v & 1 == 1 { 3 * v + 1 } else { v / 2 };
-            steps += 1;
-        }
-        let want = acc + steps as f32;
-        ensure!(o.to_bits() == want.to_bits(), "i={i}: {o} vs {want}");
-    }
-    Ok(())
-}
-
-fn divergent_search(e: &Env) -> Check {
-    let len = 60usize;
-    let n = 333usize;
-    let mut r = Rng(10);
-    let data: Vec<i32> = (0..len).map(|_| r.range(0, 200) as i32).collect();
-    let keys: Vec<i32> = (0..n).map(|_| r.range(0, 120) as i32).collect();
-    let (dd, dk) = (e.up(&data)?, e.up(&keys)?);
-    let mut dout = e.zeros::<i32>(n)?;
-    let (len32, n32) = (len as i32, n as i32);
-    launch!(
-        e,
-        "divergent_search",
-        cfg((3, 1, 1), (128, 1, 1)),
-        &dd,
-        &len32,
-        &dk,
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    for i in 0..n {
-        let mut found = -1;
-        for (j, &d) in data.iter().enumerate() {
-            if d == keys[i] {
-                found = j as i32;
-                break;
-            }
-            if d > keys[i] * 4 {
-                found = -2 - j as i32;
-                break;
-            }
-        }
-        ensure!(out[i] == found, "i={i}: {} vs {found}", out[i]);
-    }
-    Ok(())
-}
-
-/// Independent reference: nearest binary16 by binary search over the (monotone) positive encodings, ties to even.
-fn ref_f16(x: f32) -> u16 {
-    let dec = |h: u16| -> f64 {
-        let e = ((h >> 10) & 0x1f) as i32;
-        let m = (h & 0x3ff) as f64;
-        if e == 0 {
-            m * 2f64.powi(-24)
-        } else {
-            (1.0 + m / 1024.0) * 2f64.powi(e - 15)
-        }
-    };
-    let sign = if x.is_sign_negative() { 0x8000 } else { 0 };
-    let v = (x as f64).abs();
-    if v >= 65520.0 {
-        return sign | 0x7c00;
-    }
-    let (mut lo, mut hi) = (0u16, 0x7bffu16);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if dec(mid) <= v {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    if dec(hi) <= v {
-        lo = hi;
-    }
-    let next = lo + 1;
-    let pick = if next > 0x7bff {
-        lo
-    } else {
-        let (dl, dn) = (v - dec(lo), dec(next) - v);
-        if dl < dn || (dl == dn && lo & 1 == 0) {
-            lo
-        } else {
-            next
-        }
-    };
-    sign | pick
-}
-
-fn ref_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    ((b as u64 + 0x7fff + ((b >> 16) & 1) as u64) >> 16) as u16
-}
-
-fn half_conv(e: &Env) -> Check {
-    let mut r = Rng(11);
-    let mut x: Vec<f32> = vec![
-        0.0,
-        -0.0,
-        1.0,
-        -1.5,
-        65504.0,
-        65519.0,
-        65520.0,
-        1e6,
-        -1e6,
-        5.96e-8,
-        2.98e-8,
-        3.0e-8,
-        1e-10,
-        1.0 + 1.0 / 2048.0,
-        1.0 + 3.0 / 2048.0,
-        0.333_333_34,
-        f32::from_bits(0x3f80_8000),
-        f32::from_bits(0x3f81_8000),
-        f32::from_bits(0x3f80_8001),
-    ];
-    for _ in 0..300 {
-        x.push(
-            f32::from_bits(r.next() as u32 & 0xbfff_ffff)
-                * if r.next() & 1 == 0 { 1.0 } else { 1e-30 },
-        );
-    }
-    let x: Vec<f32> = x.into_iter().filter(|v| v.is_finite()).collect();
-    let n = x.len();
-    let dx = e.up(&x)?;
-    let mut dh = e.zeros::<u16>(n)?;
-    let mut db = e.zeros::<u16>(n)?;
-    let mut dback = e.zeros::<f32>(2 * n)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "half_conv",
-        cfg((n.div_ceil(64) as u32, 1, 1), (64, 1, 1)),
-        &dx,
-        &mut dh,
-        &mut db,
-        &mut dback,
-        &n32
-    );
-    let h = e.down(&dh)?;
-    let b = e.down(&db)?;
-    let back = e.down(&dback)?;
-    for i in 0..n {
-        let want = ref_f16(x[i]);
-        ensure!(
-            h[i] == want,
-            "f16 of {:e} ({:#x}): {:#x} vs {want:#x}",
-            x[i],
-            x[i].to_bits(),
-            h[i]
-        );
-        let want = ref_bf16(x[i]);
-        ensure!(b[i] == want, "bf16 of {:e}: {:#x} vs {want:#x}", x[i], b[i]);
-        ensure!(
-            back[2 * i + 1].to_bits() == (b[i] as u32) << 16,
-            "bf16->f32 of {:#x}: {:#x}",
-            b[i],
-            back[2 * i + 1].to_bits()
-        );
-        // f16 -> f32 is exact
-        let hv = h[i];
-        let ex = ((hv >> 10) & 0x1f) as i32;
-        let mm = (hv & 0x3ff) as f64;
-        let mag = if ex == 31 {
-            f64::INFINITY
-        } else if ex == 0 {
-            mm * 2f64.powi(-24)
-        } else {
-            (1.0 + mm / 1024.0) * 2f64.powi(ex - 15)
-        };
-        let want = if hv & 0x8000 != 0 { -mag } else { mag } as f32;
-        ensure!(
-            back[2 * i].to_bits() == want.to_bits(),
-            "f16->f32 of {hv:#x}: {} vs {want}",
-            back[2 * i]
-        );
-    }
-    Ok(())
-}
-
-fn dyn_shared_reverse(e: &Env) -> Check {
-    let n = 200usize;
-    let x: Vec<i32> = (0..n as i32).collect();
-    let dx = e.up(&x)?;
-    let mut dy = e.up(&vec![-7i32; n])?;
-    let n32 = n as i32;
-    let mut c = cfg((4, 1, 1), (64, 1, 1));
-    c.shared_mem_bytes = 64 * 4;
-    launch!(e, "dyn_shared_reverse", c, &dx, &mut dy, &n32);
-    let y = e.down(&dy)?;
-    for j in 0..n {
-        let b = j / 64;
-        let t = 63 - (j % 64);
-        let i = b * 64 + t;
-        let want = if i < n { i as i32 } else { -1 };
-        ensure!(y[j] == want, "j={j}: {} vs {want}", y[j]);
-    }
-    Ok(())
-}
-
-fn globals_const(e: &Env) -> Check {
-    let counter = e.global("g_counter")?;
-    ensure!(
-        counter == 7i32.to_le_bytes(),
-        "g_counter initialised to {counter:?}, not 7"
-    );
-    let n = 50usize;
-    let mut dout = e.zeros::<f32>(n)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "globals_const",
-        cfg((1, 1, 1), (64, 1, 1)),
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    let table = [1.5f32, -2.0, 3.25, 0.0];
-    for (i, &o) in out.iter().enumerate() {
-        let want = table[i & 3].mul_add((i % 8 + 1) as f32, 7.0);
-        ensure!(o == want, "i={i}: {o} vs {want}");
-    }
-    let w = e.global("g_written")?;
-    ensure!(w == 15i32.to_le_bytes(), "g_written is {w:?}, not 15");
-    Ok(())
-}
-
-fn grid3d(e: &Env) -> Check {
-    let (nx, ny, nz) = (20usize, 13usize, 9usize);
-    let mut dout = e.up(&vec![-1i32; nx * ny * nz])?;
-    let (nx32, ny32, nz32) = (nx as i32, ny as i32, nz as i32);
-    launch!(
-        e,
-        "grid3d",
-        cfg((3, 4, 5), (8, 4, 2)),
-        &mut dout,
-        &nx32,
-        &ny32,
-        &nz32
-    );
-    let out = e.down(&dout)?;
-    for z in 0..nz {
-        for y in 0..ny {
-            for x in 0..nx {
-                let want =
-                    (x * 10000 + y * 100 + z) as i32 + 3 * 1_000_000 + 4 * 100_000 + 5 * 10_000;
-                let got = out[(z * ny + y) * nx + x];
-                ensure!(got == want, "({x},{y},{z}): {got} vs {want}");
-            }
-        }
-    }
-    Ok(())
-}
-
-fn warp_misc(e: &Env) -> Check {
-    let n = 100usize;
-    let mut r = Rng(12);
-    let vals: Vec<i32> = (0..n).map(|_| r.range(0, 1000) as i32).collect();
-    let din = e.up(&vals)?;
-    let mut dout = e.zeros::<i32>(n * 3)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "warp_misc",
-        cfg((2, 1, 1), (64, 1, 1)),
-        &din,
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    for i in 0..n {
-        let w = i / 32;
-        let v: Vec<i32> = (0..32)
-            .map(|l| vals.get(w * 32 + l).copied().unwrap_or(0))
-            .collect();
-        let key = v[i % 32] & 3;
-        let mm = (0..32).fold(0u32, |acc, l| acc | (((v[l] & 3 == key) as u32) << l));
-        ensure!(
-            out[i * 3] as u32 == mm,
-            "match i={i}: {:#x} vs {mm:#x}",
-            out[i * 3]
-        );
-        let sum = v.iter().sum::<i32>();
-        ensure!(
-            out[i * 3 + 1] == sum,
-            "redux add i={i}: {} vs {sum}",
-            out[i * 3 + 1]
-        );
-        let mx = v.iter().max().unwrap() + (i % 32) as i32;
-        ensure!(
-            out[i * 3 + 2] == mx,
-            "redux max i={i}: {} vs {mx}",
-            out[i * 3 + 2]
-        );
-    }
-    Ok(())
-}
-
-fn float_math(e: &Env) -> Check {
-    let mut r = Rng(13);
-    let mut x: Vec<f32> = (0..200).map(|_| r.f32(-3.0, 3.0)).collect();
-    x.extend([0.5, -0.5, 1.5, 2.5, -2.5, 0.0, 7.0]);
-    let n = x.len();
-    let dx = e.up(&x)?;
-    let mut dout = e.zeros::<f32>(n * 8)?;
-    let n32 = n as i32;
-    launch!(
-        e,
-        "float_math",
-        cfg((2, 1, 1), (128, 1, 1)),
-        &dx,
-        &mut dout,
-        &n32
-    );
-    let out = e.down(&dout)?;
-    for i in 0..n {
-        let v = x[i];
-        let o = &out[i * 8..i * 8 + 8];
-        ensure!(o[0] == v.abs().sqrt(), "sqrt {v}: {}", o[0]);
-        let div = v / v.mul_add(v, 1.0);
-        ensure!(
-            o[1].to_bits() == div.to_bits(),
-            "div {v}: {} vs {div}",
-            o[1]
-        );
-        let vd = v as f64;
-        ensure!(close(o[2], (vd * 0.1).exp(), 1e-5), "exp {v}: {}", o[2]);
-        ensure!(
-            close(o[3], (vd.abs() + 1.0).ln(), 1e-5),
-            "log {v}: {}",
-            o[3]
-        );
-        ensure!(
-            ((o[4] as f64) - (vd.sin() + vd.cos())).abs() < 1e-5,
-            "sincos {v}: {}",
-            o[4]
-        );
-        ensure!(close(o[5], (vd * 0.01).tanh(), 1e-5), "tanh {v}: {}", o[5]);
-        ensure!(
-            close(o[6], 1.0 / (vd.abs() + 1.0).sqrt(), 1e-5),
-            "rsqrt {v}: {}",
-            o[6]
-        );
-        let want = v.floor() as i32 as f32
-            + (v * 0.5).trunc()
-            + v.ceil()
-            + v.round_ties_even()
-            + v.round_ties_even() as i32 as f32
-            + 2.0f32.copysign(v);
-        // the adds happen in a fixed order in the PTX: floor + trunc, + ceil, + rint, + int_rn, + copysign
-        let w2 = ((((v.floor() as i32 as f32 + (v * 0.5).trunc()) + v.ceil())
-            + v.round_ties_even())
-            + v.round_ties_even() as i32 as f32)
-            + 2.0f32.copysign(v);
-        ensure!(o[7] == w2 || o[7] == want, "rounding {v}: {} vs {w2}", o[7]);
-    }
-    Ok(())
-}
-
-/// Every kernel of the corpus and its check, in the order of ptx/tests/corpus.rs.
-const CHECKS: &[(&str, CheckFn)] = &[
-    ("saxpy", saxpy),
-    ("daxpy_grid_stride", daxpy_grid_stride),
-    ("int_ops", int_ops),
-    ("reduce_sum", reduce_sum),
-    ("atomics", atomics),
-    ("warp_reduce", warp_reduce),
-    ("matmul_tiled", matmul_tiled),
-    ("softmax_rows", softmax_rows),
-    ("scan_block", scan_block),
-    ("histogram", histogram),
-    ("struct_by_value", struct_by_value),
-    ("device_calls", device_calls),
-    ("divergent_search", divergent_search),
-    ("half_conv", half_conv),
-    ("dyn_shared_reverse", dyn_shared_reverse),
-    ("globals_const", globals_const),
-    ("grid3d", grid3d),
-    ("warp_misc", warp_misc),
-    ("float_math", float_math),
-];
-
 fn setup() -> Result<Env, String> {
     common::check_driver()?;
     let ptx = compile(SRC)?;
@@ -1035,7 +159,11 @@ fn setup() -> Result<Env, String> {
     let module = ctx
         .load_module(ptx)
         .map_err(|e| format!("load_module: {e}"))?;
-    Ok(Env { stream, module })
+    Ok(Env {
+        stream,
+        module,
+        bufs: Vec::new(),
+    })
 }
 
 fn main() {
@@ -1057,7 +185,7 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let env = match setup() {
+    let mut env = match setup() {
         Ok(e) => e,
         Err(e) => {
             eprintln!("kernel_corpus: error: {e}");
@@ -1069,9 +197,13 @@ fn main() {
         .iter()
         .filter(|n| only.as_ref().is_none_or(|o| o == *n))
     {
-        let result = match CHECKS.iter().find(|(k, _)| k == name) {
-            Some((_, check)) => check(&env),
-            None => Err("no check for this kernel in examples/kernel_corpus.rs".into()),
+        let result = match checks::CHECKS.iter().find(|(k, _)| k == name) {
+            Some((_, check)) => {
+                let r = check(&mut env);
+                env.bufs.clear();
+                r
+            }
+            None => Err("no check for this kernel in ptx/tests/corpus/checks.rs".into()),
         };
         match result {
             Ok(()) => {
@@ -1085,7 +217,7 @@ fn main() {
         }
     }
     // A check whose kernel left the source is stale: say so rather than pass quietly.
-    for (k, _) in CHECKS {
+    for (k, _) in checks::CHECKS {
         if only.is_none() && !names.iter().any(|n| n == k) {
             failed += 1;
             println!("FAIL {k}: checked here but not a __global__ kernel of kernels.cu");
