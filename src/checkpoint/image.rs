@@ -50,6 +50,12 @@ pub trait BlobSink: Send {
     fn positional(&mut self) -> Option<Positional<'_>> {
         None
     }
+    /// As [`BlobSink::positional`], for a blob of exactly `len` bytes (a file sink maps it); `Err` when reserving the
+    /// space failed (a full disk), before anything was written.
+    fn positional_len(&mut self, len: u64) -> io::Result<Option<Positional<'_>>> {
+        let _ = len;
+        Ok(self.positional())
+    }
 }
 
 /// A sink written at blob offsets (see [`BlobSink::positional`]).
@@ -58,6 +64,12 @@ pub struct Positional<'a>(PosKind<'a>);
 enum PosKind<'a> {
     /// The blob starts at `base` in the file.
     File { file: &'a File, base: u64 },
+    /// The blob's range of the file, reserved with `fallocate` and mapped shared (see [`FileMap`]); the file is
+    /// borrowed for `'a` so it outlives the mapping.
+    Map {
+        map: FileMap,
+        _file: PhantomData<&'a File>,
+    },
     /// The blob is `len` bytes at `ptr`, exclusively borrowed for `'a`.
     Mem {
         ptr: *mut u8,
@@ -66,8 +78,9 @@ enum PosKind<'a> {
     },
 }
 
-// SAFETY: `File` is a shared file reference; `Mem` points into a buffer exclusively borrowed for 'a, written only by
-// `put_at`, whose callers (this module's pipeline) write disjoint ranges.
+// SAFETY: `File` is a shared file reference; `Mem` points into a buffer exclusively borrowed for 'a, and `Map` into a
+// mapping owned by this value (unmapped only when it is dropped, after the pipeline's threads are joined); both are
+// written only by `put_at`, whose callers (this module's pipeline) write disjoint ranges.
 unsafe impl Send for PosKind<'_> {}
 // SAFETY: as for Send.
 unsafe impl Sync for PosKind<'_> {}
@@ -80,6 +93,24 @@ impl Positional<'_> {
     unsafe fn put_at(&self, off: u64, bytes: &[u8]) -> io::Result<()> {
         match &self.0 {
             PosKind::File { file, base } => file.write_all_at(bytes, base + off),
+            PosKind::Map { map, .. } => {
+                let end = (off as usize).checked_add(bytes.len());
+                if end.is_none_or(|e| e > map.blob_len) {
+                    return Err(io::Error::other(
+                        "more blob bytes than the manifest announced",
+                    ));
+                }
+                // SAFETY: in bounds (checked above) of the blob's part of the mapping, which lives as long as `self`
+                // (unmapped only when `map` is dropped).
+                let dst = unsafe { map.blob().add(off as usize) };
+                map.populate(dst, bytes.len())?;
+                // SAFETY: `dst..dst + len` is inside the live mapping (above); its file range was allocated by
+                // `fallocate` and its pages were just faulted in, so the stores cannot fault for lack of space (no
+                // SIGBUS); no other call writes this range (the caller's contract: each chunk goes to exactly one
+                // writer thread), and nothing reads the mapping while the pipeline runs.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+                Ok(())
+            }
             PosKind::Mem { ptr, len, .. } => {
                 let end = (off as usize).checked_add(bytes.len());
                 if end.is_none_or(|e| e > *len) {
@@ -100,6 +131,131 @@ impl Positional<'_> {
             }
         }
     }
+
+    /// Makes what was written durable: `msync(MS_SYNC)` for a mapped file (other kinds: nothing to do here, the
+    /// caller fsyncs the file).
+    fn finish(&self) -> io::Result<()> {
+        match &self.0 {
+            PosKind::Map { map, .. } => map.sync(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A shared, writable mapping of a file range whose blocks were reserved with `fallocate` first. Unmapped on drop.
+///
+/// Why: Linux serializes buffered writes (`write`/`pwrite`) to one file on the inode lock, so several writer threads
+/// do not copy into the file in parallel; stores through a shared mapping take no such lock (each thread faults in
+/// and fills its own pages). Why `fallocate` first: a store to a mapped page the filesystem cannot back raises SIGBUS
+/// (a full disk or tmpfs would kill the server); with the range allocated up front, a full disk is an ordinary error
+/// before anything is mapped.
+struct FileMap {
+    /// Start of the mapping (page-aligned file offset `base - lead`).
+    ptr: *mut u8,
+    /// Bytes mapped (`lead + blob_len`).
+    len: usize,
+    /// Bytes mapped before the blob (the blob's file offset need not be page-aligned).
+    lead: usize,
+    blob_len: usize,
+    /// The system's page size.
+    page: usize,
+}
+
+impl FileMap {
+    /// Reserves `[base, base + len)` of `file` and maps it. `Ok(None)` when the filesystem cannot `fallocate` or
+    /// `mmap` (the caller writes with `pwrite` instead); `Err` for a real failure, such as a full disk.
+    fn new(file: &File, base: u64, len: u64) -> io::Result<Option<FileMap>> {
+        use std::os::fd::AsRawFd;
+        if len == 0 || std::env::var("DEVPROXY_IMAGE_MMAP").is_ok_and(|v| v == "0") {
+            return Ok(None);
+        }
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let start = base & !(page - 1);
+        let lead = (base - start) as usize;
+        let (Some(end), Ok(map_len)) = (base.checked_add(len), usize::try_from(len + lead as u64))
+        else {
+            return Ok(None);
+        };
+        let (Ok(off), Ok(flen)) = (
+            libc::off_t::try_from(start),
+            libc::off_t::try_from(end - start),
+        ) else {
+            return Ok(None);
+        };
+        let fd = file.as_raw_fd();
+        // SAFETY: plain syscall on an open descriptor we borrow; mode 0 allocates blocks and extends the size.
+        if unsafe { libc::fallocate(fd, 0, off, flen) } != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (no address hint), of a range of `fd` that now exists in
+        // full (just allocated); the descriptor may be closed later without affecting the mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Ok(None);
+        }
+        Ok(Some(FileMap {
+            ptr: ptr.cast(),
+            len: map_len,
+            lead,
+            blob_len: len as usize,
+            page: page as usize,
+        }))
+    }
+
+    /// The blob's first byte in the mapping.
+    fn blob(&self) -> *mut u8 {
+        // SAFETY: `lead < len` (the blob is not empty, so `len = lead + blob_len > lead`): inside the mapping.
+        unsafe { self.ptr.add(self.lead) }
+    }
+
+    /// Faults in the pages of `[at, at + len)` (inside the mapping) for writing, in one call rather than one fault
+    /// per page, on the calling writer thread. A page that cannot be backed is reported as an error here instead of
+    /// a SIGBUS on the store. Kernels before 5.14 lack `MADV_POPULATE_WRITE` (EINVAL): the stores fault pages in.
+    fn populate(&self, at: *mut u8, len: usize) -> io::Result<()> {
+        // Round down to the page the range starts in (the mapping itself is page-aligned).
+        let start = self.ptr as usize + ((at as usize - self.ptr as usize) & !(self.page - 1));
+        let len = at as usize + len - start;
+        // SAFETY: `[start, start + len)` lies inside our live mapping (`at` does, and `start` rounds down to no lower
+        // than the mapping's page-aligned start); MADV_POPULATE_WRITE only faults pages in, never changes contents.
+        if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } != 0
+        {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        // SAFETY: the whole range is our live mapping.
+        if unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, unmapped once; no reference into it outlives the `Positional` that owns it (writers
+        // only copy into it through `put_at`, and the pipeline's threads are joined before the sink is dropped).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl BlobSink for File {
@@ -107,10 +263,25 @@ impl BlobSink for File {
         self.write_all(bytes)
     }
 
-    /// The blob starts at the file's current position; the position itself is left there.
+    /// The blob starts at the file's current position; the position itself is left there. Without a known length
+    /// the blob is written with `pwrite` (see [`BlobSink::positional_len`] for the mapped path).
     fn positional(&mut self) -> Option<Positional<'_>> {
         let base = self.stream_position().ok()?;
         Some(Positional(PosKind::File { file: self, base }))
+    }
+
+    /// Maps the blob's range of the file (after `fallocate`), falling back to `pwrite` where the filesystem cannot.
+    fn positional_len(&mut self, len: u64) -> io::Result<Option<Positional<'_>>> {
+        let Ok(base) = self.stream_position() else {
+            return Ok(None);
+        };
+        Ok(Some(match FileMap::new(self, base, len)? {
+            Some(map) => Positional(PosKind::Map {
+                map,
+                _file: PhantomData,
+            }),
+            None => Positional(PosKind::File { file: self, base }),
+        }))
     }
 }
 
@@ -408,13 +579,20 @@ pub fn produce_blob(
     pin: Option<&dyn Backend>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
-    match sink.positional() {
+    let at = sink.positional_len(total).map_err(|e| {
+        CheckpointError::Pipeline(format!("reserving {total} bytes for the blob: {e}"))
+    })?;
+    match at {
         Some(at) => {
             let n = workers();
             let mut pool = Pool::new(total, n, pin);
             // SAFETY: the pipeline hands each chunk (a distinct blob range) to exactly one writer.
             let out = |off: u64, b: &[u8]| unsafe { at.put_at(off, b) };
-            produce_with(regions, fill, &out, n, &mut pool, progress)
+            let crc = produce_with(regions, fill, &out, n, &mut pool, progress)?;
+            at.finish().map_err(|e| {
+                CheckpointError::Pipeline(format!("syncing the blob's mapping: {e}"))
+            })?;
+            Ok(crc)
         }
         None => {
             let mut pool = Pool::new(total, 1, pin);
@@ -701,7 +879,9 @@ pub fn write_image(
         let m = manifest.encode();
         let blob_len = manifest.blob_len();
         let mut header = Header::new(m.len() as u64, crc32fast::hash(&m), blob_len, 0);
+        // Read as well as write: the blob is written through a shared mapping, which needs both.
         let mut f = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(&tmp)
@@ -990,12 +1170,31 @@ mod tests {
         assert_eq!(produce(&regions, &blob, &mut v), want);
         assert!(v == blob);
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let mut f = File::create(&path).unwrap();
-        f.write_all(b"head").unwrap();
-        assert_eq!(produce(&regions, &blob, &mut f), want);
+        let path = dir.path().join("blob1");
+        // A write-only file cannot be mapped (pwrite after fallocate); a read-write one is (mapped, from an unaligned
+        // start). Same bytes, same size.
+        for (readable, i) in [(false, 0), (true, 1)] {
+            let path = dir.path().join(format!("blob{i}"));
+            let mut f = std::fs::OpenOptions::new()
+                .read(readable)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            f.write_all(b"head").unwrap();
+            assert_eq!(produce(&regions, &blob, &mut f), want);
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(on_disk.len() as u64, 4 + total);
+            assert!(on_disk[4..] == blob[..]);
+        }
+        let mut f = File::options().read(true).write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(4)).unwrap();
+        assert!(matches!(
+            f.positional_len(total).unwrap().unwrap().0,
+            PosKind::Map { .. }
+        ));
+        drop(f);
         let on_disk = std::fs::read(&path).unwrap();
-        assert!(on_disk[4..] == blob[..]);
 
         // Several readers at offsets (memory, file) and one in order (a stream).
         let mut src: &[u8] = &on_disk[4..];
