@@ -142,6 +142,22 @@ impl Positional<'_> {
     }
 }
 
+/// Tests force the mapped path regardless of the environment.
+#[cfg(test)]
+static TEST_FORCE_MMAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether file images are written through a shared mapping ([`FileMap`]): opt-in with `DEVPROXY_IMAGE_MMAP=1`.
+/// It scales with writer threads where `pwrite` to one file does not (the inode lock), but on the 2-core VM it was
+/// slower (page faults on tmpfs) and it has not been measured on a many-core GPU host yet; the `pwrite` path is the
+/// one the H100 figures in docs/performance.md come from.
+fn mmap_writes() -> bool {
+    #[cfg(test)]
+    if TEST_FORCE_MMAP.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    std::env::var("DEVPROXY_IMAGE_MMAP").is_ok_and(|v| v == "1")
+}
+
 /// A shared, writable mapping of a file range whose blocks were reserved with `fallocate` first. Unmapped on drop.
 ///
 /// Why: Linux serializes buffered writes (`write`/`pwrite`) to one file on the inode lock, so several writer threads
@@ -166,7 +182,7 @@ impl FileMap {
     /// `mmap` (the caller writes with `pwrite` instead); `Err` for a real failure, such as a full disk.
     fn new(file: &File, base: u64, len: u64) -> io::Result<Option<FileMap>> {
         use std::os::fd::AsRawFd;
-        if len == 0 || std::env::var("DEVPROXY_IMAGE_MMAP").is_ok_and(|v| v == "0") {
+        if len == 0 || !mmap_writes() {
             return Ok(None);
         }
         // SAFETY: sysconf has no memory-safety preconditions.
@@ -1173,6 +1189,7 @@ mod tests {
         let path = dir.path().join("blob1");
         // A write-only file cannot be mapped (pwrite after fallocate); a read-write one is (mapped, from an unaligned
         // start). Same bytes, same size.
+        TEST_FORCE_MMAP.store(true, std::sync::atomic::Ordering::Relaxed);
         for (readable, i) in [(false, 0), (true, 1)] {
             let path = dir.path().join(format!("blob{i}"));
             let mut f = std::fs::OpenOptions::new()
