@@ -125,6 +125,23 @@ impl Env {
         (out.status.success(), s)
     }
 
+    /// `devproxy checkpoint --server S --pid P --out DIR [--stop]`, which must succeed; returns its output.
+    fn checkpoint(&self, server: &Path, pid: &str, out: &Path, stop: bool) -> String {
+        let mut args = vec![
+            "checkpoint",
+            "--server",
+            server.to_str().unwrap(),
+            "--pid",
+            pid,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if stop {
+            args.push("--stop");
+        }
+        self.ok(&args)
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let (ok, s) = self.devproxy(args);
         assert!(ok, "devproxy {args:?} failed: {s}");
@@ -160,6 +177,12 @@ struct Run {
 }
 
 impl Run {
+    /// The output so far, once lines printed before a barrier have come through the pipe.
+    fn settled_stdout(&self) -> String {
+        std::thread::sleep(Duration::from_millis(300));
+        self.stdout()
+    }
+
     fn start(env: &Env, server: Option<&Path>, args: &[&str]) -> Run {
         let mut c = env.cmd();
         c.arg("run");
@@ -313,20 +336,9 @@ fn checkpoint_stop_kill_server_restore_gives_identical_output() {
     run.wait_for_step(3);
     let pid = pid_on(&sock, "train").to_string();
     let img = env.path("img");
-    let s = env.ok(&[
-        "checkpoint",
-        "--server",
-        sock.to_str().unwrap(),
-        "--pid",
-        &pid,
-        "--out",
-        img.to_str().unwrap(),
-        "--stop",
-    ]);
+    let s = env.checkpoint(&sock, &pid, &img, true);
     assert!(s.contains("checkpoint of pid") && s.contains("GB/s"), "{s}");
-    // Lines printed before the barrier may still be on their way through the pipe: let them settle first.
-    std::thread::sleep(Duration::from_millis(300));
-    let at = run.stdout();
+    let at = run.settled_stdout();
     env.kill(srv);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(run.stdout(), at, "the process ran on while stopped");
@@ -407,9 +419,7 @@ fn suspend_frees_the_device_and_resume_continues() {
     assert_eq!(rows[0].state, "paused");
     let ps = env.ok(&["ps", "--server", a.to_str().unwrap()]);
     assert!(ps.contains(" 0 B "), "{ps}");
-    // Lines printed before the barrier may still be on their way through the pipe: let them settle first.
-    std::thread::sleep(Duration::from_millis(300));
-    let at = run.stdout();
+    let at = run.settled_stdout();
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(run.stdout(), at, "the process ran on while suspended");
     let s = env.ok(&["resume", "--server", a.to_str().unwrap(), "--pid", &pid]);
@@ -440,15 +450,7 @@ fn two_processes_one_checkpointed_and_migrated_the_other_undisturbed() {
         .pid
         .to_string();
     let img = env.path("img");
-    let s = env.ok(&[
-        "checkpoint",
-        "--server",
-        a.to_str().unwrap(),
-        "--pid",
-        &p1,
-        "--out",
-        img.to_str().unwrap(),
-    ]);
+    let s = env.checkpoint(&a, &p1, &img, false);
     assert!(s.contains("paused"), "{s}");
     one.wait_for_step(4);
     env.ok(&[
@@ -504,20 +506,9 @@ fn damaged_images_are_refused_and_the_process_waits_for_a_good_one() {
     run.wait_for_step(3);
     let pid = pid_on(&sock, "train").to_string();
     let img = env.path("img");
-    env.ok(&[
-        "checkpoint",
-        "--server",
-        sock.to_str().unwrap(),
-        "--pid",
-        &pid,
-        "--out",
-        img.to_str().unwrap(),
-        "--stop",
-    ]);
+    env.checkpoint(&sock, &pid, &img, true);
     env.kill(srv);
-    // Lines printed before the barrier may still be on their way through the pipe: let them settle first.
-    std::thread::sleep(Duration::from_millis(300));
-    let at = run.stdout();
+    let at = run.settled_stdout();
     let loaded = LoadedImage::open(&img).unwrap();
     let (mo, bo, bl) = (
         loaded.header.manifest_offset,
@@ -600,15 +591,7 @@ fn server_killed_while_writing_leaves_the_earlier_image_intact() {
     run.wait_for_step(2);
     let pid = pid_on(&sock, "train").to_string();
     let img = env.path("img");
-    env.ok(&[
-        "checkpoint",
-        "--server",
-        sock.to_str().unwrap(),
-        "--pid",
-        &pid,
-        "--out",
-        img.to_str().unwrap(),
-    ]);
+    env.checkpoint(&sock, &pid, &img, false);
     let first = std::fs::read(img.join(IMAGE_FILE)).unwrap();
     let mut second = env
         .cmd()
