@@ -56,6 +56,18 @@ fn pinned_alloc(state: &SessionState, area: u64, bytes: u64) -> Option<u64> {
     (area.checked_sub(cursor)? >= bytes).then_some(cursor)
 }
 
+/// The reply of an enqueued copy or memset: synchronous forms wait for their stream first.
+fn finish(
+    b: &dyn crate::backend::Backend,
+    st: crate::backend::StreamId,
+    sync: bool,
+) -> Result<Reply, CuError> {
+    if sync {
+        b.stream_synchronize(st)?;
+    }
+    Ok(Reply::Unit)
+}
+
 /// Executes `req`. Returns the reply (ignored by the caller for fire-and-forget requests, whose errors it defers).
 pub fn execute(state: &mut SessionState, seg: &Segment, req: Request) -> Reply {
     match run(state, seg, req) {
@@ -115,10 +127,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                     b.memcpy_htod(dst, HostRef::Pinned(pinned(s, seg, *offset, *len)?), st)?;
                 }
             }
-            if sync {
-                b.stream_synchronize(st)?;
-            }
-            Reply::Unit
+            finish(&*b, st, sync)?
         }
         Request::MemcpyDtoH {
             dst,
@@ -135,9 +144,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 }
                 HostDst::Pinned { offset } => {
                     b.memcpy_dtoh(HostRef::Pinned(pinned(s, seg, offset, len)?), src, st)?;
-                    if sync {
-                        b.stream_synchronize(st)?;
-                    }
+                    finish(&*b, st, sync)?;
                 }
             }
             Reply::Unit
@@ -153,10 +160,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             s.check_range(dst, len)?;
             s.check_range(src, len)?;
             b.memcpy_dtod(dst, src, len, st)?;
-            if sync {
-                b.stream_synchronize(st)?;
-            }
-            Reply::Unit
+            finish(&*b, st, sync)?
         }
         Request::Memset {
             dst,
@@ -175,10 +179,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 .ok_or(CuError::INVALID_VALUE)?;
             s.check_range(dst, len)?;
             b.memset(dst, value, elem_bytes, count, st)?;
-            if sync {
-                b.stream_synchronize(st)?;
-            }
-            Reply::Unit
+            finish(&*b, st, sync)?
         }
         Request::ModuleLoad { image } => {
             let bytes = match image {

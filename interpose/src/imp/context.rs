@@ -94,6 +94,15 @@ pub unsafe fn cuDevicePrimaryCtxSetFlags_v2(dev: CUdevice, flags: c_uint) -> CUr
 /// # Safety
 /// No pointers.
 pub unsafe fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
+    // A real reset destroys every allocation, stream and module of the context. With nothing allocated that is a
+    // synchronize; with live allocations we refuse rather than claim a reset that did not happen.
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if check_dev(dev).is_ok() && crate::imp::memory::live_allocations() > 0 {
+        return crate::table::unsupported(
+            "cuDevicePrimaryCtxReset_v2 (with live allocations)",
+            &LOGGED,
+        );
+    }
     ret(check_dev(dev).and_then(|()| client()?.call(&Request::CtxSynchronize).map(|_| ())))
 }
 

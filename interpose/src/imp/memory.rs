@@ -48,8 +48,14 @@ fn kind(c: &Client, ptr: u64) -> PtrKind {
 }
 
 /// Live device allocations: base -> size (for range queries).
+/// Device allocations this process holds (base -> bytes).
 static ALLOCS: LazyLock<Mutex<BTreeMap<u64, u64>>> = LazyLock::new(|| Mutex::new(BTreeMap::new()));
 /// Flags passed to cuMemHostAlloc, by address.
+/// How many device allocations the process still holds.
+pub(crate) fn live_allocations() -> usize {
+    ALLOCS.lock().len()
+}
+
 static HOST_FLAGS: LazyLock<Mutex<HashMap<usize, u32>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 

@@ -19,6 +19,15 @@ pub fn ck(r: sys::CUresult) -> BResult<()> {
     }
 }
 
+/// A query's answer (cuStreamQuery, cuEventQuery): done, still pending, or the error the work left.
+pub fn ready(r: sys::CUresult) -> BResult<bool> {
+    match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(true),
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        e => Err(CuError(e as u32)),
+    }
+}
+
 /// Every driver symbol this backend calls (checked up front so a missing one is an error, not a panic).
 pub const REQUIRED_SYMBOLS: &[&str] = &[
     "cuInit",

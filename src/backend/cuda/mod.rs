@@ -48,7 +48,7 @@ pub mod driver;
 pub mod staging;
 pub mod vmm;
 
-use self::driver::{ck, make_current, IdMap, Raw, RawFns};
+use self::driver::{ck, make_current, ready, IdMap, Raw, RawFns};
 use self::staging::{BounceRing, BulkPool, RING_MAX_COPY};
 use self::vmm::{Mapper, VmmArena};
 use super::{
@@ -854,11 +854,7 @@ impl Backend for CudaBackend {
         self.cur()?;
         let raw = self.observe_stream(stream)?;
         // SAFETY: live stream.
-        match unsafe { sys::cuStreamQuery(raw) } {
-            sys::CUresult::CUDA_SUCCESS => Ok(true),
-            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            e => Err(CuError(e as u32)),
-        }
+        ready(unsafe { sys::cuStreamQuery(raw) })
     }
 
     fn stream_wait_event(&self, stream: StreamId, event: EventId, flags: u32) -> BResult<()> {
@@ -899,11 +895,7 @@ impl Backend for CudaBackend {
         self.cur()?;
         let ev = self.raw_event(event)?;
         // SAFETY: live event.
-        match unsafe { sys::cuEventQuery(ev) } {
-            sys::CUresult::CUDA_SUCCESS => Ok(true),
-            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            e => Err(CuError(e as u32)),
-        }
+        ready(unsafe { sys::cuEventQuery(ev) })
     }
 
     fn event_elapsed(&self, start: EventId, end: EventId) -> BResult<f32> {
