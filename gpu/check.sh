@@ -3,7 +3,9 @@
 # Each step has its own timeout and prints PASS/FAIL with figures; everything native is measured in the same run.
 # Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
 #
-#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch (default: all)
+#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt
+#                              (default: all)
+#   IMAGE_MODES="pwrite mmap"  how the throughput step's server writes images (mmap: DEVPROXY_IMAGE_MMAP=1)
 set -u
 cd "$(dirname "$0")/.."
 B=${GPU_BIN:-$PWD/.gpu}
@@ -22,7 +24,9 @@ W=/dev/shm/devproxy-gpu; rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
-STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch"}
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt"}
+IMAGE_MODES=${IMAGE_MODES:-pwrite}
+export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
 log() { echo "$*" >>"$LOG"; }
@@ -44,6 +48,7 @@ sess_pid() { "$B/devproxy" ps --server "$1" 2>>"$LOG" | awk -v pat="$2" '$0 ~ pa
 wait_line() { for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
 say "devproxy GPU check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
+say "  host: kernel $(uname -r), $(nproc) cores; NCCL: $(ls /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/ 2>/dev/null | tr '\n' ' ')"
 
 # Reference output for the state-moving checks: the CPU reference, bit-identical to a GPU run (the examples step
 # checks that natively).
@@ -151,9 +156,11 @@ fi
 
 # ---- 7. checkpoint / restore throughput on a process holding N GiB
 if want throughput; then
+  for mode in $IMAGE_MODES; do
   for gib in $GIBS; do
     cleanup_servers
     S="$DEVPROXY_RUNTIME_DIR/t.sock"
+    if [ "$mode" = mmap ]; then export DEVPROXY_IMAGE_MMAP=1; else unset DEVPROXY_IMAGE_MMAP; fi
     serve "$S"
     rm -f "$W/go"
     "$B/devproxy" run --server "$S" -- "$B/hold" --gib "$gib" --until "$W/go" >"$W/hold.out" 2>>"$LOG" &
@@ -169,17 +176,19 @@ if want throughput; then
     touch "$W/go"
     timeout 240 tail --pid=$RUN -f /dev/null
     cat "$W/restore.log" >>"$LOG"
-    say "  ${gib} GiB checkpoint (running): $c1"
-    say "  ${gib} GiB checkpoint (--stop):  $c2"
-    say "  ${gib} GiB restore: $(grep -m1 'GB/s' "$W/restore.log")"
+    say "  [$mode] ${gib} GiB checkpoint (running): $c1"
+    say "  [$mode] ${gib} GiB checkpoint (--stop):  $c2"
+    say "  [$mode] ${gib} GiB restore: $(grep -m1 'GB/s' "$W/restore.log")"
     if grep -q "verified.*OK" "$W/hold.out"; then
-      pass "throughput: ${gib} GiB checkpointed, server killed, restored, memory verified"
+      pass "throughput: [$mode] ${gib} GiB checkpointed, server killed, restored, memory verified"
     else
-      fail "throughput: ${gib} GiB: $(tail -n1 "$W/hold.out")"
+      fail "throughput: [$mode] ${gib} GiB: $(tail -n1 "$W/hold.out")"
     fi
     rm -rf "$W/img-t"
     cleanup_servers
   done
+  done
+  unset DEVPROXY_IMAGE_MMAP
 fi
 
 # ---- 8. NVIDIA's driver checkpoint on the same amounts
@@ -214,8 +223,44 @@ if want torch; then
     if [ -s "$W/t-$m.native" ] && cmp -s "$W/t-$m.native" "$W/t-$m.proxy"; then
       pass "torch: $m losses identical natively and under devproxy ($n steps); step native $nt ms, devproxy $pt ms, ratio $(ratio "$pt" "$nt")"
     else
-      fail "torch: $m: native $(wc -l <"$W/t-$m.native") steps, devproxy $(wc -l <"$W/t-$m.proxy") steps; first proxy error: $(grep -m1 -iE 'error|not supported' "$W/t-$m.proxy.err")"
+      fail "torch: $m: native $(wc -l <"$W/t-$m.native") steps, devproxy $(wc -l <"$W/t-$m.proxy") steps; first proxy error: $(grep -m1 -iE 'error|not supported|fault' "$W/t-$m.proxy.err")"
+      # The same run, two steps, with every driver call traced: the tail names the last calls before the failure.
+      DEVPROXY_LOG=trace timeout 90 "$B/devproxy" run --backend "$BACKEND" -- "$TPY" gpu/torch_train.py --model "$m" --steps 2 >/dev/null 2>"$W/trace-$m.txt"
+      { grep -v ' -> CUDA_SUCCESS$' "$W/trace-$m.txt" | grep -v '^devproxy: cu[A-Za-z_0-9]* -> ' | head -n 60; echo ...; tail -n 250 "$W/trace-$m.txt"; } >"$OUT/trace-$m.txt"
     fi
+  done
+fi
+
+# ---- 10. the transformer checkpointed with --stop mid-training (server killed, restored) and live-migrated: the
+# remaining losses must equal an uninterrupted native run's.
+if want torchckpt; then
+  TPY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
+  TM=${TORCHCKPT_MODEL:-transformer}
+  TARGS="--model $TM --steps 12 --step-delay-ms 300"
+  timeout 90 "$TPY" gpu/torch_train.py $TARGS >"$W/tc.native" 2>>"$LOG"
+  for how in ckpt migrate; do
+    cleanup_servers
+    S1="$DEVPROXY_RUNTIME_DIR/tc1.sock"; S2="$DEVPROXY_RUNTIME_DIR/tc2.sock"
+    serve "$S1"; [ $how = migrate ] && serve "$S2"
+    "$B/devproxy" run --server "$S1" -- "$TPY" gpu/torch_train.py $TARGS >"$W/tc.$how" 2>>"$LOG" &
+    RUN=$!
+    wait_line "$W/tc.$how" "step 4 " 90
+    pid=$(sess_pid "$S1" python)
+    if [ $how = ckpt ]; then
+      timeout 120 "$B/devproxy" checkpoint --server "$S1" --pid "$pid" --out "$W/img-tc" --stop 2>>"$LOG" | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
+      pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S1"; sleep 0.3
+      ( "$B/devproxy" restore "$W/img-tc" --socket "$S1" --backend "$BACKEND" >>"$LOG" 2>&1 & )
+    else
+      timeout 120 "$B/devproxy" migrate --server "$S1" --pid "$pid" --to "$S2" 2>>"$LOG" | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
+    fi
+    timeout 120 tail --pid=$RUN -f /dev/null
+    if [ -s "$W/tc.native" ] && cmp -s "$W/tc.native" "$W/tc.$how"; then
+      pass "torchckpt: $TM $how mid-training: all $(wc -l <"$W/tc.native") losses identical to native"
+    else
+      fail "torchckpt: $TM $how: native $(wc -l <"$W/tc.native") steps, devproxy $(wc -l <"$W/tc.$how") ($(tail -n1 "$W/tc.$how"))"
+    fi
+    rm -rf "$W/img-tc"
+    cleanup_servers
   done
 fi
 

@@ -4,7 +4,7 @@
 Run natively and under `devproxy run` with the same arguments: the printed losses must be identical.
 Prints `step N loss <float.hex()>` per step on stdout and `model M: X ms/step (steps 2..N)` on stderr.
 
-  torch_train.py --model mlp|transformer|cnn --steps N [--seed S]
+  torch_train.py --model mlp|transformer|cnn --steps N [--seed S] [--step-delay-ms MS]
 """
 import argparse, os, sys, time
 
@@ -16,6 +16,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--model", default="mlp")
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--step-delay-ms", type=int, default=0, help="sleep after each step (room for a checkpoint)")
 a = p.parse_args()
 
 torch.manual_seed(a.seed)
@@ -62,6 +63,8 @@ for step in range(a.steps):
     print(f"step {step} loss {v.hex()}", flush=True)
     if step == 0:
         t1 = time.perf_counter()
+    if a.step_delay_ms:
+        time.sleep(a.step_delay_ms / 1e3)
 torch.cuda.synchronize()
 if a.steps > 1:
     ms = (time.perf_counter() - t1) * 1e3 / (a.steps - 1)

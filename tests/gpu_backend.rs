@@ -10,7 +10,7 @@
 use devproxy::backend::{
     self, Backend, BackendKind, BackendOptions, CtxId, HostRef, HostSpan, StreamId, ARENA_BASE,
 };
-use devproxy::protocol::CuError;
+use devproxy::protocol::{CuError, LaunchDims};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -386,10 +386,23 @@ fn ptx_kernel_layout_launch_and_globals() {
     b.memcpy_htod(bb, transient(&as_bytes(&bv)), s).unwrap();
     let p = Params::new().u64(a).u64(bb).u64(c).u32(n);
     assert_eq!(p.0.len(), 28);
-    b.launch(f, [n / 256, 1, 1], [256, 1, 1], 0, s, &p.0)
-        .unwrap();
+    b.launch(
+        f,
+        &LaunchDims::new([n / 256, 1, 1], [256, 1, 1], 0),
+        s,
+        &p.0,
+    )
+    .unwrap();
+    // Thread-block clusters (cuLaunchKernelEx on the real driver), as cuBLAS's Hopper kernels launch: same result.
+    let clustered = LaunchDims::new([n / 256, 1, 1], [256, 1, 1], 0).with_cluster([8, 1, 1]);
+    b.launch(f, &clustered, s, &p.0).unwrap();
+    assert!(
+        b.launch(f, &clustered.with_cluster([3, 1, 1]), s, &p.0)
+            .is_err(),
+        "a cluster that does not tile the grid is refused"
+    );
     assert_eq!(
-        b.launch(f, [1, 1, 1], [1, 1, 1], 0, s, &p.0[..20]),
+        b.launch(f, &LaunchDims::new([1, 1, 1], [1, 1, 1], 0), s, &p.0[..20]),
         Err(CuError::INVALID_VALUE),
         "short params"
     );
@@ -418,7 +431,8 @@ fn ptx_kernel_layout_launch_and_globals() {
     let (bump, bl) = b.module_function(m, "bump").unwrap();
     assert_eq!(bl.params_bytes, 0);
     b.memset(gptr, 0, 4, 1, s).unwrap();
-    b.launch(bump, [4, 1, 1], [32, 1, 1], 0, s, &[]).unwrap();
+    b.launch(bump, &LaunchDims::new([4, 1, 1], [32, 1, 1], 0), s, &[])
+        .unwrap();
     assert_eq!(read(&*b, s, gptr, 4), 128u32.to_le_bytes());
     let globals = b.module_globals(m).unwrap();
     assert_eq!(globals.len(), 1);
@@ -443,8 +457,13 @@ fn ptx_kernel_layout_launch_and_globals() {
     assert_ne!(m3, m2, "a different image (with its NUL) is another module");
     b.module_unload(m3).unwrap();
     b.module_unload(m2).unwrap();
-    b.launch(f, [n / 256, 1, 1], [256, 1, 1], 0, s, &p.0)
-        .unwrap();
+    b.launch(
+        f,
+        &LaunchDims::new([n / 256, 1, 1], [256, 1, 1], 0),
+        s,
+        &p.0,
+    )
+    .unwrap();
     b.stream_synchronize(s).unwrap();
     b.module_unload(m).unwrap();
     assert_eq!(b.module_unload(m), Err(CuError::INVALID_HANDLE));
@@ -454,13 +473,15 @@ fn ptx_kernel_layout_launch_and_globals() {
     let m = b.module_load(ctx, PTX.as_bytes()).unwrap();
     let (empty, _) = b.module_function(m, "empty").unwrap();
     for _ in 0..1000 {
-        b.launch(empty, [1, 1, 1], [1, 1, 1], 0, s, &[]).unwrap();
+        b.launch(empty, &LaunchDims::new([1, 1, 1], [1, 1, 1], 0), s, &[])
+            .unwrap();
     }
     b.stream_synchronize(s).unwrap();
     let iters = 20_000;
     let t = Instant::now();
     for _ in 0..iters {
-        b.launch(empty, [1, 1, 1], [1, 1, 1], 0, s, &[]).unwrap();
+        b.launch(empty, &LaunchDims::new([1, 1, 1], [1, 1, 1], 0), s, &[])
+            .unwrap();
     }
     let enq = t.elapsed();
     b.stream_synchronize(s).unwrap();
@@ -497,9 +518,7 @@ fn events_and_stream_ordering() {
     b.event_record(e0, s1).unwrap();
     b.launch(
         spin,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         s1,
         &Params::new().u64(flag(0)).u64(SPIN_100MS / 5).u32(1).0,
     )
@@ -516,9 +535,7 @@ fn events_and_stream_ordering() {
     let s2 = b.stream_create(ctx, 1, -1).unwrap();
     b.launch(
         spin,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         s1,
         &Params::new().u64(flag(1)).u64(SPIN_100MS).u32(7).0,
     )
@@ -533,9 +550,7 @@ fn events_and_stream_ordering() {
     let blocking = b.stream_create(ctx, 0, 0).unwrap();
     b.launch(
         spin,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         blocking,
         &Params::new().u64(flag(3)).u64(SPIN_100MS).u32(9).0,
     )
@@ -546,9 +561,7 @@ fn events_and_stream_ordering() {
     // ... and a blocking stream's work waits for D's earlier work ...
     b.launch(
         spin,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         d,
         &Params::new().u64(flag(5)).u64(SPIN_100MS).u32(11).0,
     )
@@ -559,9 +572,7 @@ fn events_and_stream_ordering() {
     // ... but not for a non-blocking stream's work.
     b.launch(
         spin,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         s1,
         &Params::new().u64(flag(7)).u64(3 * SPIN_100MS).u32(13).0,
     )
@@ -578,9 +589,7 @@ fn events_and_stream_ordering() {
     let (ctx2, d2) = session(&*b);
     b.launch(
         spin,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         d,
         &Params::new().u64(flag(9)).u64(3 * SPIN_100MS).u32(1).0,
     )
@@ -700,9 +709,7 @@ fn fault_child() {
     // Below the arena, never mapped.
     b.launch(
         poke,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         d,
         &Params::new().u64(0x1000).u32(1).0,
     )

@@ -1,4 +1,4 @@
-//! Minimal stderr logging for the shim: prefix "devproxy: ", level from `DEVPROXY_LOG` (error|warn|info|debug,
+//! Minimal stderr logging for the shim: prefix "devproxy: ", level from `DEVPROXY_LOG` (error|warn|info|debug|trace,
 //! default warn). No dependency on a logging framework: the shim lives inside someone else's process and must not
 //! install global subscribers there. Nothing is logged on hot paths at the default level.
 
@@ -13,6 +13,8 @@ pub enum Level {
     Warn = 2,
     Info = 3,
     Debug = 4,
+    /// Every implemented driver call with its result (see `table::trace_call`).
+    Trace = 5,
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(0);
@@ -22,7 +24,8 @@ pub fn parse_level(s: Option<&str>) -> Level {
     match s.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         Some("error") => Level::Error,
         Some("info") => Level::Info,
-        Some("debug") | Some("trace") => Level::Debug,
+        Some("debug") => Level::Debug,
+        Some("trace") => Level::Trace,
         _ => Level::Warn,
     }
 }
@@ -41,7 +44,8 @@ pub fn level() -> Level {
         1 => Level::Error,
         2 => Level::Warn,
         3 => Level::Info,
-        _ => Level::Debug,
+        4 => Level::Debug,
+        _ => Level::Trace,
     }
 }
 
@@ -79,6 +83,11 @@ pub fn debug(args: Arguments<'_>) {
         write(args)
     }
 }
+pub fn trace(args: Arguments<'_>) {
+    if enabled(Level::Trace) {
+        write(args)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -89,6 +98,8 @@ mod tests {
         assert_eq!(parse_level(Some("DEBUG")), Level::Debug);
         assert_eq!(parse_level(Some("error")), Level::Error);
         assert_eq!(parse_level(Some("bogus")), Level::Warn);
+        assert_eq!(parse_level(Some("trace")), Level::Trace);
+        assert!(Level::Debug < Level::Trace);
         assert!(Level::Error < Level::Debug);
     }
 }

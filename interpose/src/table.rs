@@ -67,6 +67,13 @@ pub fn first_use(name: &'static str, seen: &AtomicBool) {
     }
 }
 
+/// Logs one finished call at trace level (`DEVPROXY_LOG=trace`): the last lines before a crash name the driver
+/// call the program made last. Off by default; costs one relaxed load per call.
+#[cold]
+pub fn trace_call(name: &'static str, r: CUresult) {
+    crate::log::trace(format_args!("{name} -> {r:?}"));
+}
+
 /// The body of every `none` export.
 #[cold]
 pub fn unsupported(name: &'static str, logged: &AtomicBool) -> CUresult {
@@ -128,11 +135,15 @@ macro_rules! driver_table {
             if !SEEN.load(Ordering::Relaxed) {
                 first_use(stringify!($name), &SEEN);
             }
-            guard(stringify!($name), || {
+            let r = guard(stringify!($name), || {
                 // SAFETY: our caller upholds the driver API contract, which is exactly the `# Safety` contract of
                 // the `imp` function of the same name and signature.
                 unsafe { crate::imp::$name($($arg),*) }
-            })
+            });
+            if crate::log::enabled(crate::log::Level::Trace) {
+                trace_call(stringify!($name), r);
+            }
+            r
         }
     };
     (@export none $name:ident ($($arg:ident : $ty:ty),*)) => {

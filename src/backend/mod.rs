@@ -22,6 +22,7 @@ pub mod arena;
 pub mod cuda;
 pub mod emulated;
 
+pub use crate::protocol::LaunchDims;
 use crate::protocol::{CuError, DeviceInfo, ParamSlot};
 use std::sync::Arc;
 
@@ -180,9 +181,7 @@ pub trait Backend: Send + Sync {
     fn launch(
         &self,
         func: FuncId,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        dims: &LaunchDims,
         stream: StreamId,
         params: &[u8],
     ) -> BResult<()>;

@@ -8,7 +8,7 @@ use super::ops::{capture, restore_state, Captured, ExpectedCrc, Identity};
 use super::CheckpointError;
 use crate::backend::emulated::EmulatedBackend;
 use crate::backend::{Backend, BackendOptions};
-use crate::protocol::{CuError, Handle};
+use crate::protocol::{CuError, Handle, LaunchDims};
 use crate::server::session::{Allocation, Object, SessionState};
 use crate::transport::{Segment, SegmentLayout};
 use std::sync::Arc;
@@ -228,9 +228,7 @@ fn image_roundtrip_keeps_addresses_handles_and_contents() {
     let out = *st2.allocations.keys().next().unwrap();
     b.launch(
         fid,
-        [1, 1, 1],
-        [1, 1, 1],
-        0,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
         st2.default_stream,
         &out.to_le_bytes(),
     )

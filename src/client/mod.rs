@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::protocol::{
-    self, CuError, DeviceInfo, Handle, Hello, HelloReply, HostDst, HostSrc, Launch, Notice, Reply,
-    Request, Resume, SessionInfo, MAJOR, MINOR,
+    self, CuError, DeviceInfo, Handle, Hello, HelloReply, HostDst, HostSrc, Launch, LaunchDims,
+    Notice, Reply, Request, Resume, SessionInfo, MAJOR, MINOR,
 };
 use crate::transport::{self, Segment, TransportError};
 
@@ -343,9 +343,7 @@ impl Client {
     pub fn launch_with(
         &self,
         func: Handle,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        dims: LaunchDims,
         stream: Handle,
         fill: impl FnOnce(&mut Vec<u8>) -> Result<(), CuError>,
     ) -> Result<(), CuError> {
@@ -359,9 +357,7 @@ impl Client {
         }
         let req = Request::LaunchKernel(Launch {
             func,
-            grid,
-            block,
-            shared_bytes,
+            dims,
             stream,
             params,
         });

@@ -3,7 +3,9 @@
 //! fire-and-forget requests and re-attaching after the server goes away.
 
 use super::*;
-use crate::protocol::{DeviceInfo, Handle, HostDst, HostSrc, Reply, Request, SessionInfo};
+use crate::protocol::{
+    DeviceInfo, Handle, HostDst, HostSrc, LaunchDims, Reply, Request, SessionInfo,
+};
 use crate::transport::{recv_msg, send_msg, Segment, SegmentLayout};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::AtomicU64;
@@ -242,10 +244,15 @@ fn calls_and_data_paths() {
 
     // Launches are fire-and-forget; the next waiting call orders after them.
     for _ in 0..3 {
-        c.launch_with(Handle(9), [1; 3], [1; 3], 0, Handle::NULL, |b| {
-            b.extend_from_slice(&[1, 2, 3, 4]);
-            Ok(())
-        })
+        c.launch_with(
+            Handle(9),
+            LaunchDims::new([1; 3], [1; 3], 0),
+            Handle::NULL,
+            |b| {
+                b.extend_from_slice(&[1, 2, 3, 4]);
+                Ok(())
+            },
+        )
         .unwrap();
     }
     assert_eq!(c.call(&Request::CtxSynchronize).unwrap(), Reply::Unit);

@@ -32,6 +32,7 @@ impl CuError {
     pub const NOT_SUPPORTED: CuError = CuError(801);
     pub const SYSTEM_NOT_READY: CuError = CuError(802);
     pub const DEVICE_UNAVAILABLE: CuError = CuError(46);
+    pub const INVALID_CLUSTER_SIZE: CuError = CuError(912);
     pub const UNKNOWN: CuError = CuError(999);
 
     /// The CUDA name of the code (`CUDA_ERROR_...`), as cuGetErrorName reports it.
@@ -58,6 +59,7 @@ impl CuError {
             800 => "CUDA_ERROR_NOT_PERMITTED",
             801 => "CUDA_ERROR_NOT_SUPPORTED",
             802 => "CUDA_ERROR_SYSTEM_NOT_READY",
+            912 => "CUDA_ERROR_INVALID_CLUSTER_SIZE",
             999 => "CUDA_ERROR_UNKNOWN",
             _ => "CUDA_ERROR_UNKNOWN",
         }

@@ -181,13 +181,46 @@ pub enum HostDst {
     Pinned { offset: u64 },
 }
 
+/// A launch's shape: grid and block in threads, the thread-block cluster (1x1x1: none; Hopper kernels such as
+/// cuBLAS's `nvjet_*` ask for 2..16 blocks per cluster through cuLaunchKernelEx) and dynamic shared memory.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub cluster: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+impl LaunchDims {
+    /// A launch without clusters.
+    pub const fn new(grid: [u32; 3], block: [u32; 3], shared_bytes: u32) -> LaunchDims {
+        LaunchDims {
+            grid,
+            block,
+            cluster: [1; 3],
+            shared_bytes,
+        }
+    }
+
+    /// The same launch in clusters of `cluster` blocks (0 in a dimension is taken as 1).
+    pub fn with_cluster(self, cluster: [u32; 3]) -> LaunchDims {
+        LaunchDims {
+            cluster: cluster.map(|d| d.max(1)),
+            ..self
+        }
+    }
+
+    /// Whether the launch asks for clusters larger than one block.
+    pub fn clustered(&self) -> bool {
+        self.cluster != [1; 3]
+    }
+}
+
 /// Kernel launch geometry and stream.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub func: Handle,
-    pub grid: [u32; 3],
-    pub block: [u32; 3],
-    pub shared_bytes: u32,
+    pub dims: LaunchDims,
     pub stream: Handle,
     /// The packed parameter buffer, laid out per [`FuncInfo::params`].
     pub params: Vec<u8>,
@@ -449,14 +482,22 @@ mod tests {
     fn request_roundtrip() {
         let r = Request::LaunchKernel(Launch {
             func: Handle(7),
-            grid: [1, 2, 3],
-            block: [32, 1, 1],
-            shared_bytes: 0,
+            dims: LaunchDims::new([2, 2, 3], [32, 1, 1], 0).with_cluster([2, 0, 1]),
             stream: Handle::NULL,
             params: vec![1, 2, 3, 4],
         });
         let bytes = encode(&r);
         assert_eq!(decode::<Request>(&bytes).unwrap(), r);
+        let Request::LaunchKernel(l) = decode::<Request>(&bytes).unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(
+            l.dims.cluster,
+            [2, 1, 1],
+            "a zero cluster dimension means 1"
+        );
+        assert!(l.dims.clustered());
+        assert!(!LaunchDims::new([1; 3], [1; 3], 0).clustered());
     }
 
     #[test]
@@ -481,9 +522,7 @@ mod tests {
     fn waits_classification() {
         assert!(!Request::LaunchKernel(Launch {
             func: Handle(1),
-            grid: [1; 3],
-            block: [1; 3],
-            shared_bytes: 0,
+            dims: LaunchDims::new([1; 3], [1; 3], 0),
             stream: Handle::NULL,
             params: vec![]
         })

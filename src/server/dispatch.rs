@@ -242,7 +242,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 return Err(CuError::INVALID_VALUE);
             }
             let st = s.stream(l.stream)?;
-            b.launch(f, l.grid, l.block, l.shared_bytes, st, &l.params)?;
+            b.launch(f, &l.dims, st, &l.params)?;
             Reply::Unit
         }
         Request::StreamCreate { flags, priority } => {

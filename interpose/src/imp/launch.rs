@@ -8,7 +8,7 @@ use std::ffi::{c_int, c_uint, c_void};
 
 use cudarc::driver::sys::{CUfunc_cache, CUfunction, CUfunction_attribute, CUresult, CUstream};
 use devproxy::client::unexpected;
-use devproxy::protocol::{CuError, Reply, Request};
+use devproxy::protocol::{CuError, LaunchDims, Reply, Request};
 
 use super::{client, handle_of, put, ret, stream_handle};
 use crate::params;
@@ -30,30 +30,43 @@ pub unsafe fn cuLaunchKernel(
     kernelParams: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
+    let dims = LaunchDims::new(
+        [gridDimX, gridDimY, gridDimZ],
+        [blockDimX, blockDimY, blockDimZ],
+        sharedMemBytes,
+    );
+    // SAFETY: forwarded caller contract.
+    unsafe { launch(f, dims, hStream, kernelParams, extra) }
+}
+
+/// The launch behind cuLaunchKernel and cuLaunchKernelEx.
+///
+/// # Safety
+/// `kernelParams`/`extra` as the driver documents (see [`params::pack`]).
+pub unsafe fn launch(
+    f: CUfunction,
+    dims: LaunchDims,
+    hStream: CUstream,
+    kernelParams: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
     let r = (|| {
         let c = client()?;
         let func = handle_of(f)?;
         let stream = stream_handle(hStream);
         state::with_func(func, |e| {
-            c.launch_with(
-                func,
-                [gridDimX, gridDimY, gridDimZ],
-                [blockDimX, blockDimY, blockDimZ],
-                sharedMemBytes,
-                stream,
-                |out| {
-                    // SAFETY: forwarded caller contract on `kernelParams` / `extra`.
-                    unsafe {
-                        params::pack(
-                            &e.info.params,
-                            e.info.params_bytes,
-                            kernelParams,
-                            extra,
-                            out,
-                        )
-                    }
-                },
-            )
+            c.launch_with(func, dims, stream, |out| {
+                // SAFETY: forwarded caller contract on `kernelParams` / `extra`.
+                unsafe {
+                    params::pack(
+                        &e.info.params,
+                        e.info.params_bytes,
+                        kernelParams,
+                        extra,
+                        out,
+                    )
+                }
+            })
         })
         .ok_or(CuError::INVALID_HANDLE)?
     })();

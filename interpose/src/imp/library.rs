@@ -22,7 +22,7 @@ use cudarc::driver::sys::{
     CUmoduleLoadingMode, CUresult, CUstream, CUstreamCaptureStatus,
 };
 use devproxy::client::unexpected;
-use devproxy::protocol::{CuError, Handle, Reply, Request};
+use devproxy::protocol::{CuError, Handle, LaunchDims, Reply, Request};
 use parking_lot::Mutex;
 
 use super::{client, handle_of, handle_ptr, put, ret};
@@ -336,8 +336,8 @@ pub fn check_launch_attrs(attrs: &[RawAttr]) -> Result<[u32; 3], String> {
     Ok(cluster)
 }
 
-/// Launches with a `CUlaunchConfig`. Cluster dimensions other than 1x1x1 are refused with NOT_SUPPORTED (the
-/// request protocol carries no cluster shape yet), naming the kernel.
+/// Launches with a `CUlaunchConfig`: its geometry and cluster shape travel in the launch request; hint attributes are
+/// dropped (see [`check_launch_attrs`]); anything else is refused with NOT_SUPPORTED, naming the kernel.
 ///
 /// # Safety
 /// `config` readable; `kernelParams`/`extra` as for cuLaunchKernel.
@@ -354,19 +354,8 @@ pub unsafe fn cuLaunchKernelEx(
     let cfg = unsafe { &*config };
     // SAFETY: the config's attribute array holds `numAttrs` entries.
     let attrs = unsafe { raw_attrs(cfg.attrs.cast(), cfg.numAttrs) };
-    match check_launch_attrs(&attrs) {
-        Ok([1, 1, 1]) => {}
-        Ok(c) => {
-            crate::log::always(format_args!(
-                "cuLaunchKernelEx: kernel {} asks for a {}x{}x{} thread-block cluster, which devproxy cannot launch \
-                 yet (CUDA_ERROR_NOT_SUPPORTED)",
-                handle_of(f).map(kernel_name).unwrap_or_default(),
-                c[0],
-                c[1],
-                c[2]
-            ));
-            return ret(Err(CuError::NOT_SUPPORTED));
-        }
+    let cluster = match check_launch_attrs(&attrs) {
+        Ok(c) => c,
         Err(what) => {
             crate::log::always(format_args!(
                 "cuLaunchKernelEx: kernel {}: {what} is not supported (CUDA_ERROR_NOT_SUPPORTED)",
@@ -374,23 +363,15 @@ pub unsafe fn cuLaunchKernelEx(
             ));
             return ret(Err(CuError::NOT_SUPPORTED));
         }
-    }
+    };
+    let dims = LaunchDims::new(
+        [cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ],
+        [cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ],
+        cfg.sharedMemBytes,
+    )
+    .with_cluster(cluster);
     // SAFETY: forwarded contract.
-    unsafe {
-        super::launch::cuLaunchKernel(
-            f,
-            cfg.gridDimX,
-            cfg.gridDimY,
-            cfg.gridDimZ,
-            cfg.blockDimX,
-            cfg.blockDimY,
-            cfg.blockDimZ,
-            cfg.sharedMemBytes,
-            cfg.hStream,
-            kernelParams,
-            extra,
-        )
-    }
+    unsafe { super::launch::launch(f, dims, cfg.hStream, kernelParams, extra) }
 }
 
 // ---- occupancy ----

@@ -55,7 +55,7 @@ use super::{
     BResult, Backend, BackendOptions, CtxId, EventId, FuncId, FuncLayout, GlobalSym, HostRef,
     HostSpan, ModuleId, StreamId, ARENA_BASE,
 };
-use crate::protocol::{CuError, DeviceInfo, ParamSlot};
+use crate::protocol::{CuError, DeviceInfo, LaunchDims, ParamSlot};
 use cudarc::driver::sys;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
@@ -1155,12 +1155,16 @@ impl Backend for CudaBackend {
     fn launch(
         &self,
         func: FuncId,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        dims: &LaunchDims,
         stream: StreamId,
         params: &[u8],
     ) -> BResult<()> {
+        let LaunchDims {
+            grid,
+            block,
+            cluster,
+            shared_bytes,
+        } = *dims;
         self.cur()?;
         let f = *self
             .funcs
@@ -1184,6 +1188,34 @@ impl Backend for CudaBackend {
         } else {
             extra.as_mut_ptr()
         };
+        if dims.clustered() {
+            // Thread-block clusters exist only through cuLaunchKernelEx's attribute.
+            // SAFETY: all-zero is a valid CUlaunchAttribute (id IGNORE, zero value); the fields are then set.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                x: cluster[0],
+                y: cluster[1],
+                z: cluster[2],
+            };
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid[0],
+                gridDimY: grid[1],
+                gridDimZ: grid[2],
+                blockDimX: block[0],
+                blockDimY: block[1],
+                blockDimZ: block[2],
+                sharedMemBytes: shared_bytes,
+                hStream: s,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: live function and stream; `cfg`, `attr`, `extra` and the parameter buffer outlive the call,
+            // which copies the parameters before returning.
+            return ck(unsafe {
+                sys::cuLaunchKernelEx(&cfg, f.raw.0, std::ptr::null_mut(), extra_ptr)
+            });
+        }
         // SAFETY: live function and stream; `extra` and the buffer it points to outlive the call, which copies
         // the parameters before returning.
         ck(unsafe {

@@ -36,7 +36,7 @@ use super::{
     BResult, Backend, BackendOptions, CtxId, EventId, FuncId, FuncLayout, GlobalSym, HostRef,
     ModuleId, StreamId, ARENA_BASE,
 };
-use crate::protocol::{CuError, DeviceInfo};
+use crate::protocol::{CuError, DeviceInfo, LaunchDims};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -768,12 +768,16 @@ impl Backend for EmulatedBackend {
     fn launch(
         &self,
         func: FuncId,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        dims: &LaunchDims,
         stream: StreamId,
         params: &[u8],
     ) -> BResult<()> {
+        let LaunchDims {
+            grid,
+            block,
+            cluster,
+            shared_bytes,
+        } = *dims;
         let f = self.func(func)?;
         if params.len() != f.layout.params_bytes as usize {
             tracing::warn!(
@@ -785,6 +789,7 @@ impl Backend for EmulatedBackend {
             return Err(CuError::INVALID_VALUE);
         }
         check_geometry(&f, grid, block, shared_bytes)?;
+        check_cluster(&f, grid, block, cluster)?;
         let (module, name, params) = (f.module.clone(), f.name.clone(), params.to_vec());
         let cfg = ptx::LaunchConfig {
             grid,
@@ -832,6 +837,30 @@ impl Backend for EmulatedBackend {
         unsafe { stream::bulk_copy(dst as *mut u8, src.as_ptr(), src.len(), self.host_threads) };
         Ok(())
     }
+}
+
+/// cuLaunchKernelEx's cluster checks. The interpreter runs a cluster's blocks like any others: that is exact for
+/// kernels that do not use cluster features (distributed shared memory, cluster barriers, `%cluster_*` registers),
+/// and the interpreter refuses those with an error naming the instruction. The grid must be a whole number of
+/// clusters of at most 8 blocks (CUDA's portable size; the non-portable attribute is not settable here).
+fn check_cluster(f: &FuncState, grid: [u32; 3], block: [u32; 3], cluster: [u32; 3]) -> BResult<()> {
+    if cluster == [1; 3] {
+        return Ok(());
+    }
+    let blocks: u64 = cluster.iter().map(|&d| u64::from(d)).product();
+    let max = 8;
+    let threads = u64::from(block[0]) * u64::from(block[1]) * u64::from(block[2]);
+    if (0..3).any(|i| cluster[i] == 0 || grid[i] % cluster[i] != 0) || blocks > max {
+        tracing::warn!(
+            "launch of '{}': a {}x{}x{} cluster does not tile the {}x{}x{} grid or exceeds {max} blocks",
+            f.name, cluster[0], cluster[1], cluster[2], grid[0], grid[1], grid[2]
+        );
+        return Err(CuError::INVALID_CLUSTER_SIZE);
+    }
+    if threads * blocks > 16 * 1024 {
+        return Err(CuError::INVALID_CLUSTER_SIZE);
+    }
+    Ok(())
 }
 
 /// cuLaunchKernel's geometry checks, done at enqueue so the caller gets the error at once.

@@ -633,8 +633,13 @@ fn vector_add_kernel_runs() {
         &out.to_le_bytes(),
         &n.to_le_bytes(),
     ]);
-    b.launch(f, [n.div_ceil(128), 1, 1], [128, 1, 1], 0, d, &p)
-        .unwrap();
+    b.launch(
+        f,
+        &LaunchDims::new([n.div_ceil(128), 1, 1], [128, 1, 1], 0),
+        d,
+        &p,
+    )
+    .unwrap();
     let got = dtoh(&b, out, 4000, d);
     let got: Vec<f32> = got
         .chunks_exact(4)
@@ -643,33 +648,54 @@ fn vector_add_kernel_runs() {
     assert!(got.iter().enumerate().all(|(i, &v)| v == 3.0 * i as f32));
     b.stream_synchronize(d).unwrap();
 
+    // The same kernel in clusters of 2 blocks (as cuLaunchKernelEx asks): same result; a cluster that does not tile
+    // the grid, or of more than 8 blocks, is refused like the driver refuses it.
+    b.memset(out, 0, 1, 4000, d).unwrap();
+    let grid = [n.div_ceil(128).next_multiple_of(2), 1, 1];
+    let clustered = LaunchDims::new(grid, [128, 1, 1], 0).with_cluster([2, 1, 1]);
+    b.launch(f, &clustered, d, &p).unwrap();
+    let again = dtoh(&b, out, 4000, d);
+    assert_eq!(
+        again,
+        got.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+    );
+    for cluster in [[3, 1, 1], [16, 1, 1], [1, 2, 1]] {
+        assert_eq!(
+            b.launch(f, &clustered.with_cluster(cluster), d, &p),
+            Err(CuError::INVALID_CLUSTER_SIZE),
+            "cluster {cluster:?}"
+        );
+    }
+
     // Geometry and parameter errors at the launch call itself.
     assert_eq!(
-        b.launch(f, [1, 1, 1], [1025, 1, 1], 0, d, &p),
+        b.launch(f, &LaunchDims::new([1, 1, 1], [1025, 1, 1], 0), d, &p),
         Err(CuError::INVALID_VALUE)
     );
     assert_eq!(
-        b.launch(f, [1, 1, 1], [32, 32, 2], 0, d, &p),
+        b.launch(f, &LaunchDims::new([1, 1, 1], [32, 32, 2], 0), d, &p),
         Err(CuError::INVALID_VALUE)
     );
     assert_eq!(
-        b.launch(f, [1, 1, 1], [1, 1, 65], 0, d, &p),
+        b.launch(f, &LaunchDims::new([1, 1, 1], [1, 1, 65], 0), d, &p),
         Err(CuError::INVALID_VALUE)
     );
     assert_eq!(
-        b.launch(f, [0, 1, 1], [1, 1, 1], 0, d, &p),
+        b.launch(f, &LaunchDims::new([0, 1, 1], [1, 1, 1], 0), d, &p),
         Err(CuError::INVALID_VALUE)
     );
     assert_eq!(
-        b.launch(f, [1, 65536, 1], [1, 1, 1], 0, d, &p),
+        b.launch(f, &LaunchDims::new([1, 65536, 1], [1, 1, 1], 0), d, &p),
         Err(CuError::INVALID_VALUE)
     );
     assert_eq!(
-        b.launch(f, [1, 1, 1], [1, 1, 1], 49153, d, &p),
+        b.launch(f, &LaunchDims::new([1, 1, 1], [1, 1, 1], 49153), d, &p),
         Err(CuError::INVALID_VALUE)
     );
     assert_eq!(
-        b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &p[..24]),
+        b.launch(f, &LaunchDims::new([1, 1, 1], [1, 1, 1], 0), d, &p[..24]),
         Err(CuError::INVALID_VALUE)
     );
 
@@ -703,7 +729,8 @@ fn slow_kernel_then_copy_on_the_same_stream() {
         &200_000u32.to_le_bytes(),
         &42u32.to_le_bytes(),
     ]);
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &p).unwrap();
+    b.launch(f, &LaunchDims::new([1, 1, 1], [1, 1, 1], 0), d, &p)
+        .unwrap();
     assert_eq!(u32s(&dtoh(&b, out, 4, d)), vec![42]);
 }
 
@@ -713,17 +740,32 @@ fn illegal_address_is_sticky() {
     let m = b.module_load(c, VADD_PTX.as_bytes()).unwrap();
     let (f, _) = b.module_function(m, "poke").unwrap();
     let ok = b.mem_alloc(256).unwrap();
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &ok.to_le_bytes())
-        .unwrap();
+    b.launch(
+        f,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
+        d,
+        &ok.to_le_bytes(),
+    )
+    .unwrap();
     b.stream_synchronize(d).unwrap();
     // Just past the allocation's 256 bytes: inside the arena mapping, outside every allocation.
     let bad = ok + 256;
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &bad.to_le_bytes())
-        .unwrap();
+    b.launch(
+        f,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
+        d,
+        &bad.to_le_bytes(),
+    )
+    .unwrap();
     assert_eq!(b.stream_synchronize(d), Err(CuError::ILLEGAL_ADDRESS));
     assert_eq!(b.context_synchronize(c), Err(CuError::ILLEGAL_ADDRESS));
     assert_eq!(
-        b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &ok.to_le_bytes()),
+        b.launch(
+            f,
+            &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
+            d,
+            &ok.to_le_bytes()
+        ),
         Err(CuError::ILLEGAL_ADDRESS)
     );
 }
@@ -750,8 +792,13 @@ fn module_globals_are_initialised_and_visible() {
     let (f, _) = b.module_function(m, "bump").unwrap();
     assert_eq!(b.func_get_attribute(f, 2).unwrap(), 4);
     let out = b.mem_alloc(4).unwrap();
-    b.launch(f, [1, 1, 1], [1, 1, 1], 0, d, &out.to_le_bytes())
-        .unwrap();
+    b.launch(
+        f,
+        &LaunchDims::new([1, 1, 1], [1, 1, 1], 0),
+        d,
+        &out.to_le_bytes(),
+    )
+    .unwrap();
     assert_eq!(u32s(&dtoh(&b, out, 4, d)), vec![21]);
     assert_eq!(u32s(&dtoh(&b, counter, 4, d)), vec![21]);
     b.mem_free(out).unwrap();
@@ -796,7 +843,8 @@ fn kernel_on_one_stream_event_wait_on_another() {
         &300_000u32.to_le_bytes(),
         &77u32.to_le_bytes(),
     ]);
-    b.launch(spin, [1, 1, 1], [1, 1, 1], 0, s1, &p).unwrap();
+    b.launch(spin, &LaunchDims::new([1, 1, 1], [1, 1, 1], 0), s1, &p)
+        .unwrap();
     b.event_record(ev, s1).unwrap();
     b.stream_wait_event(s2, ev, 0).unwrap();
     b.memcpy_dtod(out + 4, out, 4, s2).unwrap();
