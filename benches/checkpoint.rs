@@ -12,6 +12,7 @@ use devproxy::backend::{Backend, BackendKind, BackendOptions};
 use devproxy::checkpoint::image::LoadedImage;
 use devproxy::checkpoint::manifest::DeviceImage;
 use devproxy::checkpoint::ops::{self, ExpectedCrc, Identity};
+use devproxy::checkpoint::prepared::{planned_len, Prepared};
 use devproxy::server::session::{Allocation, SessionState};
 use devproxy::transport::{Segment, SegmentLayout};
 use std::sync::Arc;
@@ -83,8 +84,15 @@ fn main() {
             std::env::temp_dir().join(format!("devproxy-bench-{}", std::process::id()))
         });
     println!(
-        "\n{:>6}  {:>12}  {:>12}  {:>12}  {:>12}  {:>18}",
-        "size", "ckpt file", "restore file", "ckpt memory", "restore mem", "pause (no --stop)"
+        "\n{:>6}  {:>12}  {:>12}  {:>12}  {:>12}  {:>18}  {:>10}  {:>16}",
+        "size",
+        "ckpt file",
+        "restore file",
+        "ckpt memory",
+        "restore mem",
+        "pause (no --stop)",
+        "prepare",
+        "pause (prepared)"
     );
     for gib in sizes {
         let bytes = gib * GIB;
@@ -129,6 +137,7 @@ fn main() {
             &cap,
             &dir,
             true,
+            None,
             &mut || pause = t.elapsed().as_secs_f64(),
             &mut |_, _| {},
         )
@@ -136,6 +145,25 @@ fn main() {
         if pause == 0.0 {
             pause = t.elapsed().as_secs_f64();
         }
+        // The same with the image file prepared before the barrier (tmpfs directories only, see
+        // checkpoint::prepared): the pause is then the copy into the file's pages.
+        let t = Instant::now();
+        let prep = Prepared::new(&dir, planned_len(st.device_bytes()), &backend).expect("prepare");
+        let prepare = t.elapsed().as_secs_f64();
+        let prepared = prep.is_some();
+        let t = Instant::now();
+        let cap = ops::capture(&mut st, &seg, who.clone(), device.clone()).expect("capture");
+        let mut pause_prepared = 0.0;
+        ops::checkpoint_to_dir(
+            &backend,
+            &cap,
+            &dir,
+            true,
+            prep,
+            &mut || pause_prepared = t.elapsed().as_secs_f64(),
+            &mut |_, _| {},
+        )
+        .expect("write prepared image");
         st.teardown();
 
         let t = Instant::now();
@@ -179,12 +207,18 @@ fn main() {
         st.teardown();
 
         println!(
-            "{gib:>4} GiB  {:>7.2} GB/s  {:>7.2} GB/s  {:>7.2} GB/s  {:>7.2} GB/s  {:>16.3} s",
+            "{gib:>4} GiB  {:>7.2} GB/s  {:>7.2} GB/s  {:>7.2} GB/s  {:>7.2} GB/s  {:>16.3} s  {:>8.3} s  {:>14}",
             gbps(bytes, ckpt_file),
             gbps(bytes, restore_file),
             gbps(bytes, ckpt_mem),
             gbps(bytes, restore_mem),
-            pause
+            pause,
+            prepare,
+            if prepared {
+                format!("{pause_prepared:.3} s")
+            } else {
+                "(not tmpfs)".into()
+            }
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

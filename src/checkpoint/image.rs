@@ -546,7 +546,10 @@ fn crc_of(buf: &[u8]) -> crc32fast::Hasher {
     combine_in_order(parts)
 }
 
-fn combine_in_order(parts: impl IntoIterator<Item = crc32fast::Hasher>) -> crc32fast::Hasher {
+/// Combines CRCs of consecutive pieces, given in blob order, into the CRC of the whole.
+pub(super) fn combine_in_order(
+    parts: impl IntoIterator<Item = crc32fast::Hasher>,
+) -> crc32fast::Hasher {
     let mut h = crc32fast::Hasher::new();
     for p in parts {
         h.combine(&p);
@@ -936,7 +939,7 @@ pub fn write_image(
 
 /// Tests only: `DEVPROXY_TEST_IMAGE_WRITE_DELAY_MS` holds an image write open that long after its manifest is written,
 /// so a test can kill the server while an image is half written.
-fn write_delay() {
+pub(super) fn write_delay() {
     if let Some(ms) = std::env::var("DEVPROXY_TEST_IMAGE_WRITE_DELAY_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

@@ -207,7 +207,7 @@ pub fn write_captured(
 }
 
 /// Host memory available for staging a blob (MemAvailable), 0 if unknown.
-fn mem_available() -> u64 {
+pub(super) fn mem_available() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -224,14 +224,33 @@ fn mem_available() -> u64 {
 /// device memory is first copied to host memory (the fast part), `resume` is called so the process continues, and
 /// the file is written from the copy: the process's pause is the device-to-host copy, not the disk write. Otherwise
 /// the blob goes straight from the device to the file (and `resume` is not called).
+///
+/// With `prepared` (an image file made ready before the barrier, see [`prepared`](super::prepared)), the blob goes
+/// from the device straight into the file's pages and `resume` (if `continue_early`) is called once it is there.
 pub fn checkpoint_to_dir(
     backend: &Arc<dyn Backend>,
     cap: &Captured,
     dir: &Path,
     continue_early: bool,
+    prepared: Option<super::prepared::Prepared>,
     resume: &mut dyn FnMut(),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<image::Written, CheckpointError> {
+    if let Some(p) = prepared {
+        let mut fill = filler(backend, cap);
+        let mut resume_early = || {
+            if continue_early {
+                resume()
+            }
+        };
+        match p.write(&cap.manifest, &mut fill, &mut resume_early, progress) {
+            Ok(r) => return r,
+            Err(unused) => {
+                tracing::info!("the image outgrew its preparation; writing it the ordinary way");
+                drop(unused);
+            }
+        }
+    }
     let len = cap.manifest.blob_len();
     if !continue_early || len > mem_available() / 2 {
         return write_captured(backend, cap, dir, progress);
@@ -368,6 +387,25 @@ fn checkpoint(
     let _busy = Busy::take(server, &sh)?;
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
+    // The image file's pages are made ready while the process still runs (see `prepared`).
+    let planned = super::prepared::planned_len(sh.device_bytes.load(Ordering::Relaxed));
+    let prepared = match super::prepared::Prepared::new(out, planned, &server.backend) {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(format!(
+                "checkpoint of pid {pid} failed (the process continues): {e}"
+            ))
+        }
+    };
+    let prepared_note = prepared
+        .as_ref()
+        .map(|p| {
+            format!(
+                ", image file prepared in {:.3} s before the barrier",
+                p.seconds
+            )
+        })
+        .unwrap_or_default();
     let (cap, barrier_at) = barrier_and_capture(server, &sh)?;
     let continue_early = !stop && !was_paused;
     let mut paused = None;
@@ -376,6 +414,7 @@ fn checkpoint(
         &cap,
         out,
         continue_early,
+        prepared,
         &mut || {
             wait_paused(&sh);
             sh.resume();
@@ -394,7 +433,7 @@ fn checkpoint(
     tracing::info!("session {}: image written to {}", sh.id, w.path.display());
     send(&ControlReply::Done(Summary {
         what: format!(
-            "checkpoint of pid {pid}{}",
+            "checkpoint of pid {pid}{}{prepared_note}",
             if keep_paused {
                 " (the process stays paused at the barrier)"
             } else {

@@ -426,3 +426,75 @@ fn in_memory_roundtrip_like_suspend() {
     let mut st2 = r.state;
     st2.teardown();
 }
+
+/// The prepared path (image file faulted in and page-locked before the barrier, blob copied straight into it) writes
+/// the same bytes as the ordinary path, calls `resume` once the blob is in, and hands a too-small preparation back.
+#[test]
+fn prepared_image_is_identical_to_an_ordinary_one() {
+    use super::prepared::{planned_len, Prepared};
+    let shm = std::path::Path::new("/dev/shm");
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let cap = take(&b, &mut st, &seg);
+    let plain = tempfile::tempdir().unwrap();
+    write(&b, &cap, plain.path());
+    let Ok(fast) = tempfile::tempdir_in(shm) else {
+        eprintln!("no /dev/shm here: the prepared path cannot be exercised");
+        return;
+    };
+    let planned = planned_len(st.device_bytes());
+    let prep = Prepared::new(fast.path(), planned, &b)
+        .unwrap()
+        .expect("/dev/shm is tmpfs: preparation applies");
+    let tmp_files = || std::fs::read_dir(fast.path()).unwrap().count();
+    assert_eq!(
+        tmp_files(),
+        1,
+        "the temporary image exists before the barrier"
+    );
+    let mut resumed = 0;
+    let w = super::ops::checkpoint_to_dir(
+        &b,
+        &cap,
+        fast.path(),
+        true,
+        Some(prep),
+        &mut || resumed += 1,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(resumed, 1, "resume runs once the blob is in host memory");
+    let a = std::fs::read(plain.path().join(super::format::IMAGE_FILE)).unwrap();
+    let p = std::fs::read(&w.path).unwrap();
+    assert_eq!(a.len() as u64, w.file_bytes);
+    // Everything but the header's creation time is the same.
+    let (ha, hp) = (
+        super::format::Header::decode(&a, Some(a.len() as u64), "a").unwrap(),
+        super::format::Header::decode(&p, Some(p.len() as u64), "p").unwrap(),
+    );
+    assert_eq!(
+        (ha.blob_crc, ha.manifest_crc),
+        (hp.blob_crc, hp.manifest_crc)
+    );
+    let h = ha.header_bytes as usize;
+    let first = a[h..].iter().zip(&p[h..]).position(|(x, y)| x != y);
+    assert!(
+        a[h..] == p[h..],
+        "images differ from byte {first:?} after the header"
+    );
+    assert_eq!(tmp_files(), 1, "only the final image is left");
+    // The image restores.
+    st.teardown();
+    let mut back = restore(&b, fast.path()).unwrap().state;
+    assert!(!back.allocations.is_empty());
+    back.teardown();
+
+    // A preparation smaller than the image is handed back and the image written the ordinary way.
+    let small = Prepared::new(fast.path(), 4096, &b).unwrap().unwrap();
+    let mut fill = |_: usize, _: &super::manifest::Region, _: u64, _: &mut [u8]| Ok(());
+    assert!(small
+        .write(&cap.manifest, &mut fill, &mut || {}, &mut |_, _| {})
+        .is_err());
+    assert_eq!(tmp_files(), 1, "the unused preparation removed its file");
+}

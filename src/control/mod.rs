@@ -69,9 +69,19 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The rate over the pause is what the process felt; the rate over the whole operation includes preparing the
+        // destination before the barrier and finishing the file after the process resumed.
+        let over_pause = if self.paused_seconds > 0.0 && self.bytes > 0 {
+            format!(
+                " ({:.2} GB/s over the pause)",
+                self.bytes as f64 / self.paused_seconds / 1e9
+            )
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "{}: {} in {:.3} s ({:.2} GB/s), process paused {:.3} s{}",
+            "{}: {} in {:.3} s ({:.2} GB/s), process paused {:.3} s{over_pause}{}",
             self.what,
             human_bytes(self.bytes),
             self.seconds,
