@@ -12,7 +12,7 @@ use devproxy::backend::{Backend, BackendKind, BackendOptions};
 use devproxy::checkpoint::image::LoadedImage;
 use devproxy::checkpoint::manifest::DeviceImage;
 use devproxy::checkpoint::ops::{self, ExpectedCrc, Identity};
-use devproxy::checkpoint::prepared::{planned_len, Prepared};
+use devproxy::checkpoint::direct::{planned_len, Prepared};
 use devproxy::server::session::{Allocation, SessionState};
 use devproxy::transport::{Segment, SegmentLayout};
 use std::sync::Arc;
@@ -146,7 +146,7 @@ fn main() {
             pause = t.elapsed().as_secs_f64();
         }
         // The same with the image file prepared before the barrier (tmpfs directories only, see
-        // checkpoint::prepared): the pause is then the copy into the file's pages.
+        // checkpoint::direct): the pause is then the copy into the file's pages.
         let t = Instant::now();
         let prep = Prepared::new(&dir, planned_len(st.device_bytes()), &backend).expect("prepare");
         let prepare = t.elapsed().as_secs_f64();

@@ -731,6 +731,14 @@ pub fn consume_blob(
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
     match source.positional(total) {
         Some(at) => {
+            // An image on tmpfs restores by DMA straight from the file's pages (see `direct`).
+            if let (Some(b), SrcKind::File { file, base }) = (pin, &at.0) {
+                if let Some(crc) =
+                    super::direct::consume_mapped(file, *base, total, regions, apply, progress, b)?
+                {
+                    return Ok(crc);
+                }
+            }
             let n = workers();
             let mut pool = Pool::new(total, n, pin);
             let input = |off: u64, b: &mut [u8]| at.get_at(off, b);

@@ -22,7 +22,7 @@ pub mod format;
 pub mod image;
 pub mod manifest;
 pub mod ops;
-pub mod prepared;
+pub mod direct;
 
 use crate::control::{ControlReply, ControlRequest};
 use crate::server::Server;

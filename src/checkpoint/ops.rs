@@ -225,14 +225,14 @@ pub(super) fn mem_available() -> u64 {
 /// the file is written from the copy: the process's pause is the device-to-host copy, not the disk write. Otherwise
 /// the blob goes straight from the device to the file (and `resume` is not called).
 ///
-/// With `prepared` (an image file made ready before the barrier, see [`prepared`](super::prepared)), the blob goes
+/// With `prepared` (an image file made ready before the barrier, see [`direct`](super::direct)), the blob goes
 /// from the device straight into the file's pages and `resume` (if `continue_early`) is called once it is there.
 pub fn checkpoint_to_dir(
     backend: &Arc<dyn Backend>,
     cap: &Captured,
     dir: &Path,
     continue_early: bool,
-    prepared: Option<super::prepared::Prepared>,
+    prepared: Option<super::direct::Prepared>,
     resume: &mut dyn FnMut(),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<image::Written, CheckpointError> {
@@ -387,9 +387,9 @@ fn checkpoint(
     let _busy = Busy::take(server, &sh)?;
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
-    // The image file's pages are made ready while the process still runs (see `prepared`).
-    let planned = super::prepared::planned_len(sh.device_bytes.load(Ordering::Relaxed));
-    let prepared = match super::prepared::Prepared::new(out, planned, &server.backend) {
+    // The image file's pages are made ready while the process still runs (see `checkpoint::direct`).
+    let planned = super::direct::planned_len(sh.device_bytes.load(Ordering::Relaxed));
+    let prepared = match super::direct::Prepared::new(out, planned, &server.backend) {
         Ok(p) => p,
         Err(e) => {
             return Err(format!(

@@ -427,11 +427,11 @@ fn in_memory_roundtrip_like_suspend() {
     st2.teardown();
 }
 
-/// The prepared path (image file faulted in and page-locked before the barrier, blob copied straight into it) writes
+/// The direct path (image file faulted in and page-locked before the barrier, blob copied straight into it) writes
 /// the same bytes as the ordinary path, calls `resume` once the blob is in, and hands a too-small preparation back.
 #[test]
-fn prepared_image_is_identical_to_an_ordinary_one() {
-    use super::prepared::{planned_len, Prepared};
+fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
+    use super::direct::{planned_len, Prepared};
     let shm = std::path::Path::new("/dev/shm");
     let b = backend();
     let seg = segment();
@@ -485,10 +485,27 @@ fn prepared_image_is_identical_to_an_ordinary_one() {
     );
     assert_eq!(tmp_files(), 1, "only the final image is left");
     // The image restores.
+    let before = snapshot(&b, &st);
     st.teardown();
+    let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
     let mut back = restore(&b, fast.path()).unwrap().state;
-    assert!(!back.allocations.is_empty());
+    assert!(
+        super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst) > direct,
+        "an image on tmpfs restores through its mapped pages"
+    );
+    assert_eq!(
+        snapshot(&b, &back),
+        before,
+        "device memory restored exactly"
+    );
     back.teardown();
+    // A damaged blob is refused on the direct path too, and nothing stays allocated.
+    let free = b.mem_info().0;
+    flip(&w.path, w.file_bytes - 1);
+    let e = err_of(restore(&b, fast.path()));
+    assert!(e.contains("CRC"), "{e}");
+    assert_eq!(b.mem_info().0, free);
+    flip(&w.path, w.file_bytes - 1);
 
     // A preparation smaller than the image is handed back and the image written the ordinary way.
     let small = Prepared::new(fast.path(), 4096, &b).unwrap().unwrap();

@@ -1,0 +1,588 @@
+//! Direct DMA between the device and an image file's pages, for images on tmpfs (`/dev/shm`, the usual place for
+//! fast images).
+//!
+//! Measured on the H100 VM (docs/performance.md): the device copies into page-locked host memory at ~52 GB/s, but
+//! writing a new 16 GiB image through buffers ran at 1.8 GB/s (`pwrite`) or 2.8 GB/s (`fallocate` + mapping): the time
+//! went into giving the file fresh pages (each first touch of guest memory is a fault in the hypervisor, and tmpfs
+//! zeroes every page). NVIDIA's checkpoint, which also needs fresh host memory, ran at the same ~1.8 GB/s. Restores,
+//! which read pages that exist, ran at ~16 GB/s, held back by the buffer pool's own fresh pages and the copies through
+//! it. So the file's own pages are mapped and page-locked ([`PinnedMap`]) and the device copies straight to or from
+//! them:
+//!
+//! - **Checkpoint** ([`Prepared`]). Before the barrier, while the process still runs: create the file under its
+//!   temporary name, size it for the session's device memory plus slack, map it, fault its pages in on several threads
+//!   (`MADV_POPULATE_WRITE`) and page-lock them in [`SPAN`]-sized pieces, also on several threads. After the barrier
+//!   ([`Prepared::write`]): the blob goes from the device into the file's pages (`Backend::read_device` into
+//!   registered memory), piece by piece; CRC threads follow; `resume` runs as soon as the last byte is in host memory;
+//!   then the header, the final size, `fsync` and the rename, as for any image.
+//! - **Restore** ([`consume_mapped`]): the blob's range of the image is mapped and page-locked, the device reads it
+//!   by DMA while CRC threads read it too.
+//!
+//! Only on tmpfs: Linux refuses to page-lock a disk file's pages for long (and DMA into them would bypass dirty
+//! tracking), and there the disk, not the page faults, is the limit. Anything that does not fit the plan (the
+//! filesystem, too little memory, a refused registration, a blob larger than prepared) falls back to the buffered
+//! pipeline of [`super::image`]. `DEVPROXY_IMAGE_DIRECT=0` turns both off.
+
+use super::format::{Header, IMAGE_FILE};
+use super::image::{combine_in_order, Apply, Fill, Written};
+use super::manifest::{Manifest, Region};
+use super::CheckpointError;
+use crate::backend::{Backend, HostSpan};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Page-locked piece of the mapping (registered on its own thread); device reads never cross a piece boundary.
+pub const SPAN: usize = 1 << 30;
+/// Blob bytes per device read and per CRC chunk.
+const PIECE: usize = 256 << 20;
+/// Statfs magic of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether direct image I/O is wanted (default yes).
+fn enabled() -> bool {
+    std::env::var("DEVPROXY_IMAGE_DIRECT").map_or(true, |v| v != "0")
+}
+
+/// Whether `dir` (or its nearest existing ancestor) is on tmpfs.
+fn on_tmpfs(dir: &Path) -> bool {
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if p.exists() {
+            return File::open(p).is_ok_and(|f| fd_on_tmpfs(&f));
+        }
+        d = p.parent();
+    }
+    false
+}
+
+/// Whether an open file lives on tmpfs.
+fn fd_on_tmpfs(f: &File) -> bool {
+    // SAFETY: an all-zero statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: an open descriptor and a valid out-pointer.
+    unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC }
+}
+
+/// Bytes to prepare for a session holding `device_bytes` of device memory: the blob also holds the pinned area's
+/// allocations and the file the header and manifest, hence the slack.
+pub fn planned_len(device_bytes: u64) -> u64 {
+    device_bytes + (256 << 20) + device_bytes / 64
+}
+
+/// Helper threads for faulting in and registering: the cores, 2..=16.
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(2, 16)
+}
+
+/// Runs `f(k)` for `k in 0..n` on up to [`threads`] scoped threads; the first error wins.
+fn parallel<E: Send>(n: usize, f: impl Fn(usize) -> Result<(), E> + Sync) -> Result<(), E> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (f, next) = (&f, &next);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads().min(n.max(1)))
+            .map(|_| {
+                s.spawn(move || loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= n {
+                        return Ok(());
+                    }
+                    f(k)?;
+                })
+            })
+            .collect();
+        // Join every thread before looking at the results.
+        let results: Vec<Result<(), E>> = hs
+            .into_iter()
+            .map(|h| h.join().expect("prepare thread"))
+            .collect();
+        results.into_iter().collect()
+    })
+}
+
+/// A shared, read-write mapping of a file range, page-locked with a backend in [`SPAN`] pieces (each registered on
+/// its own thread). Device copies to or from it are DMA as long as they stay inside one piece.
+struct PinnedMap {
+    ptr: *mut u8,
+    len: usize,
+    registered: Vec<HostSpan>,
+}
+
+// SAFETY: the mapping is owned by this value; its users hand disjoint pieces to device and CRC threads and join them
+// before releasing it.
+unsafe impl Send for PinnedMap {}
+
+impl PinnedMap {
+    /// Maps `len` bytes of `file` from offset `off` (a multiple of the page size). `None` if `mmap` refuses.
+    fn new(file: &File, off: u64, len: usize) -> Option<PinnedMap> {
+        let off = libc::off_t::try_from(off).ok()?;
+        // SAFETY: a fresh shared mapping chosen by the kernel, of a range the caller sized the file for.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        (ptr != libc::MAP_FAILED && len > 0).then(|| PinnedMap {
+            ptr: ptr.cast(),
+            len,
+            registered: Vec::new(),
+        })
+    }
+
+    fn spans(&self) -> Vec<HostSpan> {
+        (0..self.len.div_ceil(SPAN))
+            .map(|k| HostSpan {
+                // SAFETY: k * SPAN < len: inside the mapping.
+                ptr: unsafe { self.ptr.add(k * SPAN) },
+                len: SPAN.min(self.len - k * SPAN),
+            })
+            .collect()
+    }
+
+    /// Faults every page in for writing, one span per task. A tmpfs that cannot back a page says so here (no SIGBUS).
+    fn populate(&self) -> std::io::Result<()> {
+        let spans = self.spans();
+        parallel(spans.len(), |k| {
+            // SAFETY: inside our live mapping; MADV_POPULATE_WRITE only faults pages in.
+            let r = unsafe {
+                libc::madvise(spans[k].ptr.cast(), spans[k].len, libc::MADV_POPULATE_WRITE)
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+
+    /// Page-locks every span with `backend`. On failure the spans already registered stay recorded, for `release`.
+    fn register(&mut self, backend: &dyn Backend) -> Result<(), crate::protocol::CuError> {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let spans = self.spans();
+        let ok: Vec<AtomicBool> = spans.iter().map(|_| AtomicBool::new(false)).collect();
+        let r = parallel(spans.len(), |k| {
+            backend.host_register(spans[k])?;
+            ok[k].store(true, Relaxed);
+            Ok(())
+        });
+        self.registered = spans
+            .into_iter()
+            .zip(&ok)
+            .filter(|(_, o)| o.load(Relaxed))
+            .map(|(s, _)| s)
+            .collect();
+        r
+    }
+
+    /// Bytes `[at, at + n)` of the mapping.
+    ///
+    /// # Safety
+    /// In bounds, and no other live reference to the range may write it while the slice is used.
+    // The mapping is shared by design (device, CRC threads and the copy loop use disjoint pieces): the caller's
+    // contract, not `&mut self`, is what keeps the pieces apart.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, at: usize, n: usize) -> &mut [u8] {
+        debug_assert!(at + n <= self.len);
+        // SAFETY: caller contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), n) }
+    }
+
+    /// Unregisters and unmaps (idempotent).
+    fn release(&mut self, backend: &dyn Backend) {
+        for s in self.registered.drain(..) {
+            let _ = backend.host_unregister(s);
+        }
+        if !self.ptr.is_null() {
+            // SAFETY: our mapping, unmapped once (ptr is cleared).
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+            self.ptr = std::ptr::null_mut();
+        }
+    }
+}
+
+/// Walks blob bytes `[0, len)` in pieces that stay inside one registered span (the blob starts `lead` bytes into the
+/// mapping) and one CRC chunk ([`PIECE`]): `f(blob_pos, most)` handles up to `most` bytes from `blob_pos` and says how
+/// many it took (fewer at a region's end; at least one).
+fn pieces(
+    lead: usize,
+    len: usize,
+    mut f: impl FnMut(usize, usize) -> Result<usize, CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let mut pos = 0;
+    while pos < len {
+        let to_span = SPAN - (lead + pos) % SPAN;
+        let to_chunk = PIECE - pos % PIECE;
+        let took = f(pos, (len - pos).min(to_span).min(to_chunk))?;
+        debug_assert!(took > 0);
+        pos += took.max(1);
+    }
+    Ok(())
+}
+
+/// Maps blob position `pos` to (region index, offset in the region), moving `region` forward.
+fn locate(
+    regions: &[Region],
+    starts: &[u64],
+    region: &mut usize,
+    pos: u64,
+) -> Option<(usize, u64)> {
+    while *region < regions.len() && starts[*region] + regions[*region].bytes <= pos {
+        *region += 1;
+    }
+    (*region < regions.len()).then(|| (*region, pos - starts[*region]))
+}
+
+/// An image file whose pages exist and are page-locked, waiting for its blob (see the module docs).
+pub struct Prepared {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    map: PinnedMap,
+    backend: Arc<dyn Backend>,
+    /// Seconds spent preparing (before the barrier).
+    pub seconds: f64,
+    /// Set once the file was renamed into place (nothing to remove on drop).
+    committed: bool,
+}
+
+impl Prepared {
+    /// Prepares `DIR`'s next image for `len` file bytes. `Ok(None)` when preparation does not apply (not tmpfs, too
+    /// little memory, turned off, a backend that cannot page-lock the mapping); `Err` only for real failures, such as
+    /// a directory that cannot be created.
+    pub fn new(
+        dir: &Path,
+        len: u64,
+        backend: &Arc<dyn Backend>,
+    ) -> Result<Option<Prepared>, CheckpointError> {
+        let t0 = Instant::now();
+        if !enabled() || len == 0 || !on_tmpfs(dir) {
+            return Ok(None);
+        }
+        let avail = super::ops::mem_available();
+        if avail == 0 || len.saturating_add(1 << 30) > avail {
+            tracing::info!(
+                "image preparation skipped: {} wanted, {} of host memory available",
+                crate::control::human_bytes(len),
+                crate::control::human_bytes(avail)
+            );
+            return Ok(None);
+        }
+        let Ok(len) = usize::try_from(len) else {
+            return Ok(None);
+        };
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.display().to_string(),
+            what: "creating the image directory",
+            source,
+        })?;
+        let tmp = dir.join(format!(
+            ".{IMAGE_FILE}.tmp-{}-{:x}",
+            std::process::id(),
+            crate::server::random_u64() & 0xffff_ffff
+        ));
+        let io = |what: &'static str| {
+            let path = tmp.display().to_string();
+            move |source| CheckpointError::Io { path, what, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("creating the temporary image"))?;
+        let removed = |file: File| {
+            drop(file);
+            let _ = std::fs::remove_file(&tmp);
+            Ok(None)
+        };
+        if let Err(e) = file.set_len(len as u64) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("sizing the image")(e));
+        }
+        let Some(map) = PinnedMap::new(&file, 0, len) else {
+            return removed(file);
+        };
+        let mut p = Prepared {
+            dir: dir.to_path_buf(),
+            tmp: tmp.clone(),
+            file,
+            map,
+            backend: backend.clone(),
+            seconds: 0.0,
+            committed: false,
+        };
+        if let Err(e) = p.map.populate() {
+            tracing::info!("image preparation skipped: faulting in the file's pages: {e}");
+            return Ok(None);
+        }
+        if let Err(e) = p.map.register(backend.as_ref()) {
+            tracing::info!("image preparation skipped: page-locking the image mapping: {e}");
+            return Ok(None);
+        }
+        p.seconds = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            "image prepared: {} in {:.3} s",
+            crate::control::human_bytes(len as u64),
+            p.seconds
+        );
+        Ok(Some(p))
+    }
+
+    /// Writes `manifest` and its blob into the prepared file and renames it into place. `resume` runs once the blob
+    /// is in host memory. `Err(Self)` hands the preparation back unused when the image does not fit it (the caller
+    /// then writes the ordinary way, after dropping it).
+    pub fn write(
+        mut self,
+        manifest: &Manifest,
+        fill: &mut Fill<'_>,
+        resume: &mut dyn FnMut(),
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Result<Written, CheckpointError>, Prepared> {
+        let m = manifest.encode();
+        let blob_len = manifest.blob_len();
+        let mut header = Header::new(m.len() as u64, crc32fast::hash(&m), blob_len, 0);
+        if header.file_len() > self.map.len as u64 {
+            return Err(self);
+        }
+        Ok(self.write_fitting(&m, &mut header, &manifest.regions, fill, resume, progress))
+    }
+
+    fn write_fitting(
+        &mut self,
+        m: &[u8],
+        header: &mut Header,
+        regions: &[Region],
+        fill: &mut Fill<'_>,
+        resume: &mut dyn FnMut(),
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Written, CheckpointError> {
+        let blob_at = header.blob_offset as usize;
+        let blob_len = header.blob_len as usize;
+        let man_at = header.manifest_offset as usize;
+        // SAFETY: the manifest's range lies before the blob, inside the mapping (file_len <= len); nothing else uses it.
+        unsafe { self.map.slice_mut(man_at, m.len()) }.copy_from_slice(m);
+        super::image::write_delay();
+        let starts = region_starts(regions);
+        let map = &self.map;
+        let crc = crc_alongside(map, blob_at, blob_len, true, |done| {
+            let mut region = 0;
+            pieces(blob_at, blob_len, |pos, n| {
+                let (i, off) =
+                    locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
+                        CheckpointError::Pipeline("blob position past the regions".into())
+                    })?;
+                let n = n.min((regions[i].bytes - off) as usize);
+                // SAFETY: inside the blob's range of the mapping; written by nobody else (the CRC threads read only
+                // chunks reported done).
+                fill(i, &regions[i], off, unsafe {
+                    map.slice_mut(blob_at + pos, n)
+                })?;
+                done(pos + n);
+                progress((pos + n) as u64, blob_len as u64);
+                Ok(n)
+            })?;
+            resume();
+            Ok(())
+        })?;
+        header.blob_crc = crc;
+        let h = header.encode();
+        // SAFETY: the header's range, inside the mapping; the CRC threads are done.
+        unsafe { self.map.slice_mut(0, h.len()) }.copy_from_slice(&h);
+        let file_len = header.file_len();
+        self.map.release(self.backend.as_ref());
+        let io = |what: &'static str, p: &Path| {
+            let path = p.display().to_string();
+            move |source| CheckpointError::Io { path, what, source }
+        };
+        self.file
+            .set_len(file_len)
+            .map_err(io("trimming the image", &self.tmp))?;
+        self.file
+            .sync_all()
+            .map_err(io("syncing the image", &self.tmp))?;
+        let final_path = self.dir.join(IMAGE_FILE);
+        std::fs::rename(&self.tmp, &final_path)
+            .map_err(io("renaming the image into place", &final_path))?;
+        self.committed = true;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(Written {
+            path: final_path,
+            file_bytes: file_len,
+            blob_bytes: header.blob_len,
+        })
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.map.release(self.backend.as_ref());
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Where each region starts in the blob.
+fn region_starts(regions: &[Region]) -> Vec<u64> {
+    let mut at = 0;
+    regions
+        .iter()
+        .map(|r| {
+            let s = at;
+            at += r.bytes;
+            s
+        })
+        .collect()
+}
+
+/// Runs `copy` on this thread while CRC threads checksum the blob (`blob_len` bytes at `blob_at` in `map`) in
+/// [`PIECE`] chunks. With `after_copy`, a chunk is checksummed only once `copy` reported (through the `done`
+/// callback, with the blob position reached) that it is complete; otherwise right away. Returns the blob's CRC.
+fn crc_alongside(
+    map: &PinnedMap,
+    blob_at: usize,
+    blob_len: usize,
+    after_copy: bool,
+    copy: impl FnOnce(&mut dyn FnMut(usize)) -> Result<(), CheckpointError>,
+) -> Result<u32, CheckpointError> {
+    let chunks = blob_len.div_ceil(PIECE);
+    let (tx, rx) = crossbeam::channel::unbounded::<usize>();
+    if !after_copy {
+        (0..chunks).for_each(|k| tx.send(k).expect("open channel"));
+    }
+    let base = map.ptr as usize + blob_at;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads().min(chunks.max(1)))
+            .map(|_| {
+                let rx = rx.clone();
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for k in rx.iter() {
+                        let n = PIECE.min(blob_len - k * PIECE);
+                        // SAFETY: chunk k lies inside the mapping and nobody writes it any more (it was reported
+                        // complete, or the copy only reads the mapping).
+                        let b = unsafe {
+                            std::slice::from_raw_parts((base + k * PIECE) as *const u8, n)
+                        };
+                        let mut h = crc32fast::Hasher::new();
+                        h.update(b);
+                        out.push((k, h));
+                    }
+                    out
+                })
+            })
+            .collect();
+        drop(rx);
+        let mut sent = if after_copy { 0 } else { chunks };
+        let copied = copy(&mut |pos| {
+            while sent < chunks && ((sent + 1) * PIECE <= pos || pos == blob_len) {
+                let _ = tx.send(sent);
+                sent += 1;
+            }
+        });
+        drop(tx);
+        let mut parts = Vec::new();
+        for w in workers {
+            parts.extend(
+                w.join()
+                    .map_err(|_| CheckpointError::Pipeline("a CRC thread panicked".into()))?,
+            );
+        }
+        copied?;
+        parts.sort_unstable_by_key(|p| p.0);
+        if parts.len() != chunks {
+            return Err(CheckpointError::Pipeline(
+                "a blob chunk went missing".into(),
+            ));
+        }
+        Ok(combine_in_order(parts.into_iter().map(|p| p.1)).finalize())
+    })
+}
+
+/// Direct restores done (tests check that the path was taken).
+#[cfg(test)]
+pub static DIRECT_RESTORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Restore's direct path: `total` blob bytes at offset `base` of `file` go from the file's pages to `apply` (the
+/// device, by DMA) without buffers, while CRC threads checksum them. `Ok(None)` when it does not apply (turned off,
+/// not tmpfs, the file cannot be reopened for a shared mapping, the backend cannot page-lock it): the caller uses the
+/// buffered pipeline. Returns the blob's CRC.
+pub fn consume_mapped(
+    file: &File,
+    base: u64,
+    total: u64,
+    regions: &[Region],
+    apply: &mut Apply<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+    backend: &dyn Backend,
+) -> Result<Option<u32>, CheckpointError> {
+    if !enabled() || total == 0 || !fd_on_tmpfs(file) {
+        return Ok(None);
+    }
+    // Page-locking for DMA needs a writable shared mapping: the same file, opened read-write (nothing is written).
+    let Ok(rw) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    else {
+        return Ok(None);
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let start = base & !(page - 1);
+    let lead = (base - start) as usize;
+    let (Ok(blob_len), Ok(file_len)) = (usize::try_from(total), rw.metadata().map(|m| m.len()))
+    else {
+        return Ok(None);
+    };
+    if base.checked_add(total).is_none_or(|end| end > file_len) {
+        return Ok(None); // truncated: the buffered path reports it properly
+    }
+    let Some(mut map) = PinnedMap::new(&rw, start, lead + blob_len) else {
+        return Ok(None);
+    };
+    let t0 = Instant::now();
+    if let Err(e) = map.register(backend) {
+        tracing::info!("direct restore skipped: page-locking the image: {e}");
+        map.release(backend);
+        return Ok(None);
+    }
+    let registered = t0.elapsed().as_secs_f64();
+    let starts = region_starts(regions);
+    let r = crc_alongside(&map, lead, blob_len, false, |_| {
+        let mut region = 0;
+        pieces(lead, blob_len, |pos, n| {
+            let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
+                CheckpointError::Pipeline("blob position past the regions".into())
+            })?;
+            let n = n.min((regions[i].bytes - off) as usize);
+            // SAFETY: inside the blob's range of the mapping; only read here and by the CRC threads.
+            let src: &[u8] = unsafe { map.slice_mut(lead + pos, n) };
+            apply(i, &regions[i], off, src)?;
+            progress((pos + n) as u64, total);
+            Ok(n)
+        })
+    });
+    map.release(backend);
+    tracing::info!(
+        "direct restore: {} page-locked in {registered:.3} s, copied in {:.3} s",
+        crate::control::human_bytes(total),
+        t0.elapsed().as_secs_f64() - registered
+    );
+    #[cfg(test)]
+    if r.is_ok() {
+        DIRECT_RESTORES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    r.map(Some)
+}
