@@ -371,28 +371,9 @@ impl Prepared {
         // SAFETY: the manifest's range lies before the blob, inside the mapping (file_len <= len); nothing else uses it.
         unsafe { self.map.slice_mut(man_at, m.len()) }.copy_from_slice(m);
         super::image::write_delay();
-        let starts = region_starts(regions);
-        let map = &self.map;
-        let crc = crc_alongside(map, blob_at, blob_len, true, |done| {
-            let mut region = 0;
-            pieces(blob_at, blob_len, |pos, n| {
-                let (i, off) =
-                    locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
-                        CheckpointError::Pipeline("blob position past the regions".into())
-                    })?;
-                let n = n.min((regions[i].bytes - off) as usize);
-                // SAFETY: inside the blob's range of the mapping; written by nobody else (the CRC threads read only
-                // chunks reported done).
-                fill(i, &regions[i], off, unsafe {
-                    map.slice_mut(blob_at + pos, n)
-                })?;
-                done(pos + n);
-                progress((pos + n) as u64, blob_len as u64);
-                Ok(n)
-            })?;
-            resume();
-            Ok(())
-        })?;
+        let crc = fill_mapped(
+            &self.map, blob_at, blob_len, regions, fill, resume, progress,
+        )?;
         header.blob_crc = crc;
         let h = header.encode();
         // SAFETY: the header's range, inside the mapping; the CRC threads are done.
@@ -444,6 +425,127 @@ fn region_starts(regions: &[Region]) -> Vec<u64> {
             s
         })
         .collect()
+}
+
+/// Copies the blob of `regions` (`blob_len` bytes) into `map` at `blob_at` with `fill` (DMA from the device where
+/// the map is page-locked), CRC threads following chunk by chunk; `resume` runs once the last byte is in. Returns
+/// the blob's CRC.
+fn fill_mapped(
+    map: &PinnedMap,
+    blob_at: usize,
+    blob_len: usize,
+    regions: &[Region],
+    fill: &mut Fill<'_>,
+    resume: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u32, CheckpointError> {
+    let starts = region_starts(regions);
+    crc_alongside(map, blob_at, blob_len, true, |done| {
+        let mut region = 0;
+        pieces(blob_at, blob_len, |pos, n| {
+            let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
+                CheckpointError::Pipeline("blob position past the regions".into())
+            })?;
+            let n = n.min((regions[i].bytes - off) as usize);
+            // SAFETY: inside the blob's range of the mapping; written by nobody else (the CRC threads read only
+            // chunks reported done).
+            fill(i, &regions[i], off, unsafe {
+                map.slice_mut(blob_at + pos, n)
+            })?;
+            done(pos + n);
+            progress((pos + n) as u64, blob_len as u64);
+            Ok(n)
+        })?;
+        resume();
+        Ok(())
+    })
+}
+
+/// A blob handed to another server on this machine (a live migration) as a memory file: created, faulted in and
+/// page-locked before the barrier like a [`Prepared`] image, filled by DMA, then its descriptor travels over the
+/// control socket and the target restores from the same pages ([`consume_mapped`]). Nothing is copied through the
+/// socket.
+pub struct BlobFd {
+    file: File,
+    map: PinnedMap,
+    backend: Arc<dyn Backend>,
+}
+
+impl BlobFd {
+    /// A memory file of `len` bytes, ready for DMA; `None` where that is not possible (turned off, too little
+    /// memory, no memfd, a backend that cannot page-lock it): the migration then streams its blob.
+    pub fn new(len: u64, backend: &Arc<dyn Backend>) -> Option<BlobFd> {
+        let avail = super::ops::mem_available();
+        if !enabled() || len == 0 || avail == 0 || len.saturating_add(1 << 30) > avail {
+            return None;
+        }
+        let size = usize::try_from(len).ok()?;
+        // SAFETY: a NUL-terminated name and plain flags.
+        let fd = unsafe { libc::memfd_create(c"devproxy-blob".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(len).ok()?;
+        let map = PinnedMap::new(&file, 0, size)?;
+        let mut b = BlobFd {
+            file,
+            map,
+            backend: backend.clone(),
+        };
+        if let Err(e) = b.map.populate() {
+            tracing::info!("migration streams its blob: faulting in a memory file: {e}");
+            return None;
+        }
+        if let Err(e) = b.map.register(backend.as_ref()) {
+            tracing::info!("migration streams its blob: page-locking a memory file: {e}");
+            return None;
+        }
+        Some(b)
+    }
+
+    /// Whether a blob of `len` bytes fits.
+    pub fn fits(&self, len: u64) -> bool {
+        len <= self.map.len as u64
+    }
+
+    /// Copies the blob in (see [`fill_mapped`]) and lets go of the mapping; the file keeps the bytes.
+    pub fn fill(
+        &mut self,
+        regions: &[Region],
+        fill: &mut Fill<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u32, CheckpointError> {
+        let blob_len: u64 = regions.iter().map(|r| r.bytes).sum();
+        if !self.fits(blob_len) {
+            return Err(CheckpointError::Pipeline(
+                "the blob outgrew its memory file".into(),
+            ));
+        }
+        let crc = fill_mapped(
+            &self.map,
+            0,
+            blob_len as usize,
+            regions,
+            fill,
+            &mut || {},
+            progress,
+        )?;
+        self.map.release(self.backend.as_ref());
+        Ok(crc)
+    }
+
+    /// The memory file, to pass to the target.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for BlobFd {
+    fn drop(&mut self) {
+        self.map.release(self.backend.as_ref());
+    }
 }
 
 /// Runs `copy` on this thread while CRC threads checksum the blob (`blob_len` bytes at `blob_at` in `map`) in

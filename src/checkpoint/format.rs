@@ -48,6 +48,9 @@ mod off {
 
 /// Header flag: the blob CRC is not in the header but follows the blob (streamed images, migration).
 pub const FLAG_TRAILING_BLOB_CRC: u32 = 1;
+/// Header flag (migration streams only): the blob does not come in frames but as a memory file, whose descriptor
+/// arrives in one message together with the trailing blob CRC (see `checkpoint::direct::BlobFd`).
+pub const FLAG_BLOB_IN_FD: u32 = 2;
 
 /// The decoded header.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! The operations: barrier + capture on the session thread, checkpoint to a directory, restore (into a new server or
 //! an adopting one), live migration, suspend and resume, inspect.
 
-use super::format::{Header, FLAG_TRAILING_BLOB_CRC};
+use super::direct::{self, BlobFd};
+use super::format::{Header, FLAG_BLOB_IN_FD, FLAG_TRAILING_BLOB_CRC};
 use super::image::{self, consume_blob, produce_blob, BlobSink, BlobSource, LoadedImage, CHUNK};
 use super::manifest::{self, DeviceImage, Manifest, Region, RegionKind, SessionImage};
 use super::{CheckpointError, Persist};
@@ -684,11 +685,14 @@ impl BlobSink for FrameSink<'_> {
     }
 }
 
-/// Reads a byte stream carried in control frames.
+/// Reads a byte stream carried in control frames. With `blob_fd` (the header's [`FLAG_BLOB_IN_FD`]) the blob is not
+/// in frames: one message brings the memory file that holds it, and the trailing CRC as its bytes.
 struct FrameReader<'a> {
     conn: &'a UnixStream,
     buf: Vec<u8>,
     pos: usize,
+    blob_fd: bool,
+    file: Option<std::fs::File>,
 }
 
 impl Read for FrameReader<'_> {
@@ -705,8 +709,21 @@ impl Read for FrameReader<'_> {
     }
 }
 
-/// Read in order, by one reader.
-impl BlobSource for FrameReader<'_> {}
+/// Read in order, by one reader; or, for a blob in a memory file, at offsets in that file.
+impl BlobSource for FrameReader<'_> {
+    fn positional(&mut self, len: u64) -> Option<image::PositionalSource<'_>> {
+        if !self.blob_fd || self.pos != self.buf.len() {
+            return None;
+        }
+        let (crc, fds) = socket::recv_msg(self.conn, MAX_FRAME).ok()?;
+        let fd = fds.into_iter().next()?;
+        // The CRC is what a reader takes next, after the blob.
+        self.buf = crc;
+        self.pos = 0;
+        self.file = Some(std::fs::File::from(fd));
+        BlobSource::positional(self.file.as_mut()?, len)
+    }
+}
 
 fn recv_reply(conn: &UnixStream) -> Result<ControlReply, String> {
     loop {
@@ -721,10 +738,14 @@ fn recv_reply(conn: &UnixStream) -> Result<ControlReply, String> {
 
 /// Streams a capture to the target's control connection: `Adopt { header }`, the manifest in frames, (target: ready),
 /// the blob in frames, its CRC. Returns the target's summary.
+///
+/// With `blob_fd` (a memory file prepared before the barrier) the blob goes into that file by DMA and the file's
+/// descriptor is sent instead of the bytes (both servers are on this machine: the control socket is a Unix socket).
 fn stream_to(
     conn: &UnixStream,
     backend: &Arc<dyn Backend>,
     cap: &Captured,
+    blob_fd: Option<BlobFd>,
     send: Reply<'_>,
 ) -> Result<Summary, String> {
     let m = cap.manifest.encode();
@@ -735,6 +756,10 @@ fn stream_to(
         0,
     );
     header.flags |= FLAG_TRAILING_BLOB_CRC;
+    let mut blob_fd = blob_fd.filter(|f| f.fits(cap.manifest.blob_len()));
+    if blob_fd.is_some() {
+        header.flags |= FLAG_BLOB_IN_FD;
+    }
     // If the target stopped reading, it has usually said why.
     let io = |e: std::io::Error| {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
@@ -760,6 +785,18 @@ fn stream_to(
         other => return Err(format!("unexpected answer from the target: {other:?}")),
     }
     let mut fill = filler(backend, cap);
+    if let Some(fd) = blob_fd.as_mut() {
+        let crc = fd
+            .fill(&cap.manifest.regions, &mut fill, &mut progress_to(send))
+            .map_err(|e| e.to_string())?;
+        use std::os::fd::AsFd;
+        socket::send_msg(conn, &crc.to_le_bytes(), &[fd.file().as_fd()]).map_err(io)?;
+        return match recv_reply(conn)? {
+            ControlReply::Done(s) => Ok(s),
+            ControlReply::Err(e) => Err(format!("the target failed: {e}")),
+            other => Err(format!("unexpected answer from the target: {other:?}")),
+        };
+    }
     let mut sink = FrameSink(conn);
     let sent = produce_blob(
         &cap.manifest.regions,
@@ -802,12 +839,26 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
     })?;
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
+    // The memory file that carries the blob is made ready while the process still runs (see `direct::BlobFd`).
+    let blob_fd = BlobFd::new(
+        direct::planned_len(sh.device_bytes.load(Ordering::Relaxed)),
+        &server.backend,
+    );
     let (mut cap, barrier_at) = barrier_and_capture(server, &sh)?;
+    // (stream_to uses the memory file when the blob fits it)
+    let how = if blob_fd
+        .as_ref()
+        .is_some_and(|f| f.fits(cap.manifest.blob_len()))
+    {
+        "blob handed over in a memory file"
+    } else {
+        "blob streamed"
+    };
     let to_s = to.display().to_string();
     // From now on the process polls the target's socket.
     cap.manifest.sessions[0].socket = to_s.clone();
     // An NCCL rank's communicators follow: the target rejoins their cliques before this server lets go.
-    let moved = stream_to(&conn, &server.backend, &cap, send)
+    let moved = stream_to(&conn, &server.backend, &cap, blob_fd, send)
         .and_then(|s| crate::nccl::restore::hand_over(&sh, to).map(|()| s));
     match moved {
         Ok(_) => {
@@ -829,7 +880,7 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
                 std::thread::sleep(Duration::from_millis(2));
             }
             send(&ControlReply::Done(Summary {
-                what: format!("migration of pid {pid} to {to_s}"),
+                what: format!("migration of pid {pid} to {to_s} ({how})"),
                 bytes: cap.manifest.blob_len(),
                 seconds,
                 paused_seconds: barrier_at.elapsed().as_secs_f64(),
@@ -877,6 +928,8 @@ fn adopt(
         conn,
         buf: Vec::new(),
         pos: 0,
+        blob_fd: header.flags & FLAG_BLOB_IN_FD != 0,
+        file: None,
     };
     let mut m = vec![0u8; header.manifest_len as usize];
     rd.read_exact(&mut m)
