@@ -5,7 +5,9 @@
 #
 #   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt
 #                              (default: all)
-#   IMAGE_MODES="pwrite mmap"  how the throughput step's server writes images (mmap: DEVPROXY_IMAGE_MMAP=1)
+#   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
+#                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
+#                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1)
 set -u
 cd "$(dirname "$0")/.."
 B=${GPU_BIN:-$PWD/.gpu}
@@ -25,7 +27,7 @@ PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
 STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt"}
-IMAGE_MODES=${IMAGE_MODES:-pwrite}
+IMAGE_MODES=${IMAGE_MODES:-direct}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
@@ -160,7 +162,11 @@ if want throughput; then
   for gib in $GIBS; do
     cleanup_servers
     S="$DEVPROXY_RUNTIME_DIR/t.sock"
-    if [ "$mode" = mmap ]; then export DEVPROXY_IMAGE_MMAP=1; else unset DEVPROXY_IMAGE_MMAP; fi
+    unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT
+    case $mode in
+      buffered) export DEVPROXY_IMAGE_DIRECT=0 ;;
+      mmap) export DEVPROXY_IMAGE_DIRECT=0 DEVPROXY_IMAGE_MMAP=1 ;;
+    esac
     serve "$S"
     rm -f "$W/go"
     "$B/devproxy" run --server "$S" -- "$B/hold" --gib "$gib" --until "$W/go" >"$W/hold.out" 2>>"$LOG" &
@@ -173,14 +179,26 @@ if want throughput; then
     pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S"; sleep 0.3
     ( "$B/devproxy" restore "$W/img-t" --socket "$S" --backend "$BACKEND" >"$W/restore.log" 2>&1 & )
     wait_line "$W/restore.log" "GB/s" 240
+    # Then live-migrate the restored process to a second server (retried until it has re-attached).
+    S2="$DEVPROXY_RUNTIME_DIR/t2.sock"
+    serve "$S2"
+    mg="(not migrated)"
+    for _ in $(seq 40); do
+      pid=$(sess_pid "$S" hold)
+      if [ -n "$pid" ] && mg=$(timeout 240 "$B/devproxy" migrate --server "$S" --pid "$pid" --to "$S2" 2>>"$LOG"); then
+        break
+      fi
+      sleep 0.25
+    done
     touch "$W/go"
     timeout 240 tail --pid=$RUN -f /dev/null
     cat "$W/restore.log" >>"$LOG"
     say "  [$mode] ${gib} GiB checkpoint (running): $c1"
     say "  [$mode] ${gib} GiB checkpoint (--stop):  $c2"
     say "  [$mode] ${gib} GiB restore: $(grep -m1 'GB/s' "$W/restore.log")"
+    say "  [$mode] ${gib} GiB migration: $mg"
     if grep -q "verified.*OK" "$W/hold.out"; then
-      pass "throughput: [$mode] ${gib} GiB checkpointed, server killed, restored, memory verified"
+      pass "throughput: [$mode] ${gib} GiB checkpointed, server killed, restored, migrated, memory verified"
     else
       fail "throughput: [$mode] ${gib} GiB: $(tail -n1 "$W/hold.out")"
     fi
@@ -188,7 +206,7 @@ if want throughput; then
     cleanup_servers
   done
   done
-  unset DEVPROXY_IMAGE_MMAP
+  unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT
 fi
 
 # ---- 8. NVIDIA's driver checkpoint on the same amounts
