@@ -418,6 +418,11 @@ fn suspend_frees_the_device_and_resume_continues() {
     run.wait_for_step(3);
     let pid = pid_on(&a, "train").to_string();
     let s = env.ok(&["suspend", "--server", a.to_str().unwrap(), "--pid", &pid]);
+    let direct = std::env::var("DEVPROXY_IMAGE_DIRECT").as_deref() != Ok("0");
+    assert!(
+        s.contains(if direct { "memory file" } else { "a buffer" }),
+        "{s}"
+    );
     // The only session: the whole device is free.
     assert!(s.contains("device: 16.00 GiB free of 16.00 GiB"), "{s}");
     let rows = sessions(&a);

@@ -542,6 +542,12 @@ impl BlobFd {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// The memory file, the mapping let go of (a suspended session's memory waits in it).
+    pub fn into_file(mut self) -> std::io::Result<File> {
+        self.map.release(self.backend.as_ref());
+        self.file.try_clone()
+    }
 }
 
 impl Drop for BlobFd {

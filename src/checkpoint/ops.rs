@@ -329,8 +329,15 @@ fn key(server: &Arc<Server>, id: u64) -> (usize, u64) {
 /// A suspended session's device state, held in host memory.
 struct Suspended {
     manifest: Manifest,
-    blob: Vec<u8>,
+    blob: SuspendedBlob,
     crc: u32,
+}
+
+/// Where a suspended session's memory waits: a page-locked memory file filled by DMA (see `direct::BlobFd`), or a
+/// plain buffer where that is not possible.
+enum SuspendedBlob {
+    File(std::fs::File),
+    Mem(Vec<u8>),
 }
 
 /// Barrier + capture on the session thread; the session stays paused. Returns the capture and the barrier time.
@@ -994,10 +1001,28 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
     let backend = server.backend.clone();
     let sh2 = sh.clone();
     let t0 = Instant::now();
+    // The memory file is made ready while the process still runs.
+    let blob_fd = BlobFd::new(
+        direct::planned_len(sh.device_bytes.load(Ordering::Relaxed)),
+        &server.backend,
+    );
     let r = sh.run_job(move |st, seg| {
         let r = (|| {
             let cap = capture(st, seg, who, device)?;
-            let (blob, crc) = blob_to_memory(&backend, &cap)?;
+            let (blob, crc) = match blob_fd.filter(|f| f.fits(cap.manifest.blob_len())) {
+                Some(mut fd) => {
+                    let mut fill = filler(&backend, &cap);
+                    let crc = fd.fill(&cap.manifest.regions, &mut fill, &mut |_, _| {})?;
+                    let file = fd.into_file().map_err(|e| {
+                        CheckpointError::Pipeline(format!("keeping the memory file: {e}"))
+                    })?;
+                    (SuspendedBlob::File(file), crc)
+                }
+                None => {
+                    let (blob, crc) = blob_to_memory(&backend, &cap)?;
+                    (SuspendedBlob::Mem(blob), crc)
+                }
+            };
             // Device memory, modules, streams and events go; host registrations too (resume redoes them).
             st.teardown();
             sh2.device_bytes.store(0, Ordering::Relaxed);
@@ -1015,12 +1040,16 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         (r, outcome)
     })?;
     let s = r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
-    let bytes = s.blob.len() as u64;
+    let bytes = s.manifest.blob_len();
+    let held_in = match s.blob {
+        SuspendedBlob::File(_) => "a page-locked memory file",
+        SuspendedBlob::Mem(_) => "a buffer",
+    };
     suspended().lock().insert(key(server, sh.id), s);
     let (free, total) = server.backend.mem_info();
     send(&ControlReply::Done(Summary {
         what: format!(
-            "suspend of pid {pid}: device memory moved to host memory (device: {} free of {})",
+            "suspend of pid {pid}: device memory moved to host memory, {held_in} (device: {} free of {})",
             human_bytes(free),
             human_bytes(total)
         ),
@@ -1073,16 +1102,38 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
     let backend = server.backend.clone();
     let sh2 = sh.clone();
     let r = sh.run_job(move |st, seg| {
-        let mut src: &[u8] = &s.blob;
-        let r = restore_state(
-            &backend,
-            &s.manifest,
-            &mut src,
-            ExpectedCrc::Known(s.crc),
-            "suspended state",
-            &mut || Ok(()),
-            &mut |_, _| {},
-        );
+        let what = "suspended state";
+        let r = match &s.blob {
+            SuspendedBlob::Mem(blob) => {
+                let mut src: &[u8] = blob;
+                restore_state(
+                    &backend,
+                    &s.manifest,
+                    &mut src,
+                    ExpectedCrc::Known(s.crc),
+                    what,
+                    &mut || Ok(()),
+                    &mut |_, _| {},
+                )
+            }
+            SuspendedBlob::File(f) => f
+                .try_clone()
+                .map_err(|e| CheckpointError::Pipeline(format!("{what}: {e}")))
+                .and_then(|mut src| {
+                    use std::io::Seek;
+                    src.rewind()
+                        .map_err(|e| CheckpointError::Pipeline(format!("{what}: {e}")))?;
+                    restore_state(
+                        &backend,
+                        &s.manifest,
+                        &mut src,
+                        ExpectedCrc::Known(s.crc),
+                        what,
+                        &mut || Ok(()),
+                        &mut |_, _| {},
+                    )
+                }),
+        };
         let r = match r {
             Ok(mut rebuilt) => {
                 register_host(&mut rebuilt.state, seg);
