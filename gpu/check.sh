@@ -190,6 +190,13 @@ if want throughput; then
       fi
       sleep 0.25
     done
+    # Then suspend it there (device memory to host memory) and resume it.
+    sp="(not suspended)"; rs=""
+    pid=$(sess_pid "$S2" hold)
+    if [ -n "$pid" ]; then
+      sp=$(timeout 240 "$B/devproxy" suspend --server "$S2" --pid "$pid" 2>>"$LOG")
+      rs=$(timeout 240 "$B/devproxy" resume --server "$S2" --pid "$pid" 2>>"$LOG")
+    fi
     touch "$W/go"
     timeout 240 tail --pid=$RUN -f /dev/null
     cat "$W/restore.log" >>"$LOG"
@@ -197,8 +204,10 @@ if want throughput; then
     say "  [$mode] ${gib} GiB checkpoint (--stop):  $c2"
     say "  [$mode] ${gib} GiB restore: $(grep -m1 'GB/s' "$W/restore.log")"
     say "  [$mode] ${gib} GiB migration: $mg"
+    say "  [$mode] ${gib} GiB suspend: $sp"
+    say "  [$mode] ${gib} GiB resume: $rs"
     if grep -q "verified.*OK" "$W/hold.out"; then
-      pass "throughput: [$mode] ${gib} GiB checkpointed, server killed, restored, migrated, memory verified"
+      pass "throughput: [$mode] ${gib} GiB checkpointed, server killed, restored, migrated, suspended, resumed, memory verified"
     else
       fail "throughput: [$mode] ${gib} GiB: $(tail -n1 "$W/hold.out")"
     fi

@@ -1007,6 +1007,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         &server.backend,
     );
     let r = sh.run_job(move |st, seg| {
+        let barrier_at = Instant::now();
         let r = (|| {
             let cap = capture(st, seg, who, device)?;
             let (blob, crc) = match blob_fd.filter(|f| f.fits(cap.manifest.blob_len())) {
@@ -1037,9 +1038,10 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         } else {
             JobOutcome::Continue
         };
-        (r, outcome)
+        (r.map(|s| (s, barrier_at)), outcome)
     })?;
-    let s = r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
+    let (s, barrier_at) =
+        r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
     let bytes = s.manifest.blob_len();
     let held_in = match s.blob {
         SuspendedBlob::File(_) => "a page-locked memory file",
@@ -1055,7 +1057,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         ),
         bytes,
         seconds: t0.elapsed().as_secs_f64(),
-        paused_seconds: t0.elapsed().as_secs_f64(),
+        paused_seconds: barrier_at.elapsed().as_secs_f64(),
         path: String::new(),
     }))
 }
