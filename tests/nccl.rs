@@ -105,6 +105,24 @@ fn ddp_two_ranks_in_two_servers_matches_the_reference() {
     }
 }
 
+/// What the GPU check's `nccl` step runs on the cuda backend (gpu/check.sh): one rank, no id file.
+#[test]
+fn ddp_one_rank_without_an_id_file_matches_the_reference() {
+    let want = reference(1);
+    let sb = Sandbox::new();
+    let kid = sb
+        .cmd()
+        .args(["run", "--backend", "emulated", "--"])
+        .arg(example("ddp_train"))
+        .args(["--ranks", "1", "--steps", STEPS])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn devproxy run");
+    assert_eq!(finish(vec![kid], Duration::from_secs(40)), vec![want]);
+}
+
 #[test]
 fn ddp_four_ranks_across_two_servers_matches_the_reference() {
     let want = reference(4);

@@ -208,6 +208,20 @@ pub trait Backend: Send + Sync {
         Err(CuError::NOT_SUPPORTED)
     }
 
+    // ---- the real CUDA objects behind ids (NCCL on the cuda backend, `crate::nccl::real`) ----
+    /// Makes the device's CUDA context current on the calling thread, for a library that uses the current context
+    /// (NCCL's communicator creation). Backends without a real context have nothing to do.
+    fn bind_thread(&self) -> BResult<()> {
+        Ok(())
+    }
+    /// The real `CUstream` behind `stream`, to enqueue a library's own kernels on (NCCL collectives), with the
+    /// context current and the stream's ordering obligations met as for any enqueue (legacy default-stream joins).
+    /// NOT_SUPPORTED where there is no real stream.
+    fn raw_stream(&self, stream: StreamId) -> BResult<usize> {
+        let _ = stream;
+        Err(CuError::NOT_SUPPORTED)
+    }
+
     // ---- bulk access for checkpoint / restore (the device must be idle for the ranges touched) ----
     /// Reads device memory synchronously. Implementations copy in large chunks at full speed.
     fn read_device(&self, src: u64, dst: &mut [u8]) -> BResult<()>;

@@ -81,11 +81,15 @@ fn hold_here(st: &mut SessionState, seg: &Segment, comm: &RankComm, ops: &[NcclO
             let device = DeviceImage::of(st.backend.info());
             // The group being held was taken from the ring but not executed: the restored session runs it first.
             let nccl = RankState::of(st, ops.to_vec());
-            let r = capture(st, seg, cmd.who, device)
-                .and_then(|cap| write_captured(&st.backend, &cap, &cmd.dir, &mut |_, _| {}))
-                .map(|w| w.file_bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| nccl.write(&cmd.dir).map(|()| bytes));
+            // A real multi-rank communicator cannot be re-created at restore yet: refuse before writing.
+            let r = match nccl.refusal() {
+                Some(why) => Err(why),
+                None => capture(st, seg, cmd.who, device)
+                    .and_then(|cap| write_captured(&st.backend, &cap, &cmd.dir, &mut |_, _| {}))
+                    .map(|w| w.file_bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| nccl.write(&cmd.dir).map(|()| bytes)),
+            };
             g = comm.hold.lock();
             if let Some(h) = g.as_mut() {
                 h.result = Some(r);

@@ -1,4 +1,5 @@
-//! NCCL collectives on the emulated device, and the bookkeeping a job-wide barrier needs.
+//! NCCL collectives on the emulated device, real NCCL on the cuda backend ([`real`]), and the bookkeeping a job-wide
+//! barrier needs.
 //!
 //! The shim exports the NCCL API (`interpose/src/nccl*.rs`) and forwards communicator creation and collectives to
 //! the server as requests (`Request::Nccl*`). On the emulated backend they are carried out here:
@@ -22,6 +23,7 @@ pub mod barrier;
 pub mod hub;
 pub mod job;
 pub mod rank;
+pub mod real;
 pub mod reduce;
 pub mod restore;
 pub mod state;
@@ -177,7 +179,10 @@ pub struct UniqueId(pub [u8; UNIQUE_ID_BYTES]);
 
 impl std::fmt::Debug for UniqueId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "UniqueId({})", self.name().unwrap_or("<not devproxy>"))
+        match self.name() {
+            Some(n) => write!(f, "UniqueId({n})"),
+            None => write!(f, "UniqueId(real NCCL, job {})", self.job()),
+        }
     }
 }
 
@@ -211,10 +216,17 @@ impl UniqueId {
             .filter(|s| !s.is_empty())
     }
 
-    /// The job id shown by `devproxy ps`: the hub name's last component.
+    /// The job id shown by `devproxy ps`: the hub name's last component; for a real NCCL id (the cuda backend,
+    /// [`real`]) `nccl-` and the hex of its random first 8 bytes.
     pub fn job(&self) -> String {
-        self.name()
-            .map(|n| n.rsplit('/').next().unwrap_or(n).to_string())
-            .unwrap_or_default()
+        match self.name() {
+            Some(n) => n.rsplit('/').next().unwrap_or(n).to_string(),
+            None => real::job_name(&self.0),
+        }
+    }
+
+    /// Whether the id was made by the real NCCL (not a devproxy hub id).
+    pub fn is_real(&self) -> bool {
+        self.name().is_none()
     }
 }

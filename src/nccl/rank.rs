@@ -1,5 +1,6 @@
-//! One rank of a communicator, as its server holds it: the connection to the job's hub, the rank's sequence
-//! numbers, and the host jobs that carry out its operations in stream order.
+//! One rank of a communicator, as its server holds it: the connection to the job's hub (emulated device) or the
+//! real NCCL communicator (cuda backend, [`super::real`]), the rank's sequence numbers (the job barrier's position),
+//! and the host jobs that carry out an emulated rank's operations in stream order.
 
 use super::hub::{self, read_msg, write_msg, FromHub, ToHub};
 use super::{NcclOp, OpKind, RedOp, Scalar, UniqueId};
@@ -30,6 +31,17 @@ struct Conn {
     closed: Mutex<Option<String>>,
 }
 
+/// How a rank reaches its clique.
+enum Link {
+    /// Through the job's rendezvous hub (emulated device).
+    Hub {
+        writer: Mutex<UnixStream>,
+        conn: Arc<Conn>,
+    },
+    /// A real NCCL communicator in this server (cuda backend).
+    Real(super::real::RealComm),
+}
+
 /// A rank's membership in a clique.
 pub struct RankComm {
     pub id: UniqueId,
@@ -38,8 +50,7 @@ pub struct RankComm {
     /// The owning session's segment address: identifies its session to the control socket (`devproxy ps`). 0 while
     /// a restored session waits for its process (set when it re-attaches).
     session: AtomicU64,
-    writer: Mutex<UnixStream>,
-    conn: Arc<Conn>,
+    link: Link,
     next_tag: AtomicU64,
     /// Collectives issued so far (the barrier's "position" of this rank).
     issued: AtomicU64,
@@ -66,7 +77,10 @@ impl std::fmt::Debug for RankComm {
 
 impl Drop for RankComm {
     fn drop(&mut self) {
-        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
+        if let Link::Hub { writer, .. } = &self.link {
+            let _ = writer.lock().shutdown(std::net::Shutdown::Both);
+        }
+        // A real communicator aborts itself when dropped unless it was destroyed (`RealComm`'s Drop).
     }
 }
 
@@ -179,13 +193,46 @@ impl RankComm {
                 }
             })
             .map_err(|e| e.to_string())?;
+        Ok(Self::register(
+            id,
+            rank,
+            nranks,
+            session,
+            Link::Hub {
+                writer: Mutex::new(stream),
+                conn,
+            },
+            saved,
+        ))
+    }
+
+    /// A rank of a real NCCL communicator (cuda backend): `id` is its unique id (or, for a split, the id derived by
+    /// [`super::real::split_id`]); `saved` continues the counts of a restored or migrated rank.
+    pub fn real(
+        id: UniqueId,
+        rank: i32,
+        nranks: i32,
+        session: u64,
+        comm: super::real::RealComm,
+        saved: Option<&super::state::CommImage>,
+    ) -> Arc<RankComm> {
+        Self::register(id, rank, nranks, session, Link::Real(comm), saved)
+    }
+
+    fn register(
+        id: UniqueId,
+        rank: i32,
+        nranks: i32,
+        session: u64,
+        link: Link,
+        saved: Option<&super::state::CommImage>,
+    ) -> Arc<RankComm> {
         let comm = Arc::new(RankComm {
             id,
             rank,
             nranks,
             session: AtomicU64::new(session),
-            writer: Mutex::new(stream),
-            conn,
+            link,
             next_tag: AtomicU64::new(1),
             issued: AtomicU64::new(saved.map_or(0, |c| c.issued)),
             p2p: Mutex::new(
@@ -203,7 +250,15 @@ impl RankComm {
             hold_cv: parking_lot::Condvar::new(),
         });
         REGISTRY.lock().push(Arc::downgrade(&comm));
-        Ok(comm)
+        comm
+    }
+
+    /// The real NCCL communicator, on the cuda backend.
+    pub fn as_real(&self) -> Option<&super::real::RealComm> {
+        match &self.link {
+            Link::Real(c) => Some(c),
+            Link::Hub { .. } => None,
+        }
     }
 
     /// The owning session's segment address (0: a restored session not yet re-attached).
@@ -264,14 +319,18 @@ impl RankComm {
     fn submit(&self, make: impl FnOnce(u64) -> ToHub) -> Receiver<Result<Answer, String>> {
         let (tx, rx) = channel();
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        if let Some(why) = self.conn.closed.lock().clone() {
+        let Link::Hub { writer, conn } = &self.link else {
+            let _ = tx.send(Err("a real NCCL communicator has no rendezvous hub".into()));
+            return rx;
+        };
+        if let Some(why) = conn.closed.lock().clone() {
             let _ = tx.send(Err(why));
             return rx;
         }
-        self.conn.waiters.lock().insert(tag, tx);
+        conn.waiters.lock().insert(tag, tx);
         let msg = make(tag);
-        if let Err(e) = write_msg(&mut *self.writer.lock(), &msg) {
-            if let Some(tx) = self.conn.waiters.lock().remove(&tag) {
+        if let Err(e) = write_msg(&mut *writer.lock(), &msg) {
+            if let Some(tx) = conn.waiters.lock().remove(&tag) {
                 let _ = tx.send(Err(format!("cannot reach the job's rendezvous hub: {e}")));
             }
         }

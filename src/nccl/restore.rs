@@ -260,6 +260,9 @@ pub fn hand_over(sh: &Arc<SessionShared>, to: &Path) -> Result<(), String> {
     if saved.comms.is_empty() {
         return Ok(());
     }
+    if let Some(why) = saved.refusal() {
+        return Err(why);
+    }
     let req = ControlRequest::Job(JobRequest::Attach {
         session: sh.id,
         state: saved.encode(),

@@ -31,6 +31,36 @@ pub struct CommImage {
     pub p2p: Vec<(bool, i32, u64)>,
 }
 
+impl CommImage {
+    /// Whether the communicator ran on devproxy's emulated NCCL (a hub id), not the real library.
+    pub fn emulated(&self) -> bool {
+        UniqueId::from_bytes(&self.id).is_some()
+    }
+
+    /// The job name `devproxy ps` showed for it.
+    pub fn job(&self) -> String {
+        match <[u8; super::UNIQUE_ID_BYTES]>::try_from(self.id.as_slice()) {
+            Ok(b) => UniqueId(b).job(),
+            Err(_) => String::from("?"),
+        }
+    }
+}
+
+/// A 1-rank communicator made anew for a restored or migrated session, with the saved counts: real NCCL on the cuda
+/// backend, a new hub on the emulated device.
+fn recreate(st: &SessionState, c: &CommImage) -> Result<std::sync::Arc<RankComm>, String> {
+    if st.backend.info().backend == "cuda" {
+        let lib = super::real::lib()?;
+        let id = lib.unique_id().map_err(|(_, m)| m)?;
+        let comm =
+            super::real::RealComm::init(lib, st.backend.clone(), &id, 1, 0).map_err(|(_, m)| m)?;
+        Ok(RankComm::real(UniqueId(id), 0, 1, 0, comm, Some(c)))
+    } else {
+        let id = super::hub::start()?;
+        RankComm::rejoin(id, c, 0)
+    }
+}
+
 /// A session's NCCL state.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq, Default)]
 pub struct RankState {
@@ -84,12 +114,66 @@ impl RankState {
         }
     }
 
-    /// Rebuilds the communicators in a restored (or adopted) session: each rejoins its clique with its saved rank
-    /// and counts (starting the clique's hub here if none listens) under its old virtual handle, and the held group
-    /// is queued to run before the ring. On failure nothing is attached.
+    /// Why these communicators cannot be saved to continue elsewhere, if they cannot: a real NCCL communicator
+    /// (cuda backend) of several ranks has peers in other processes that would all have to re-create it together,
+    /// which is not done yet. A 1-rank one is re-created at restore ([`RankState::attach`]).
+    pub fn refusal(&self) -> Option<String> {
+        self.comms
+            .iter()
+            .find(|c| c.nranks > 1 && !c.emulated())
+            .map(|c| {
+                format!(
+                    "communicator {:#x} (job {}, rank {}/{}) is a real NCCL communicator of {} ranks: checkpoint, \
+                     restore and migration of a multi-rank job on the cuda backend are not supported yet (1-rank \
+                     communicators are re-created)",
+                    c.handle,
+                    c.job(),
+                    c.rank,
+                    c.nranks,
+                    c.nranks
+                )
+            })
+    }
+
+    /// Rebuilds the communicators in a restored (or adopted) session under their old virtual handles, and queues
+    /// the held group to run before the ring. An emulated rank rejoins its clique with its saved rank and counts
+    /// (starting the clique's hub here if none listens). A 1-rank communicator is re-created instead, with a fresh
+    /// unique id, on whichever NCCL this server has (real on the cuda backend, the hub on the emulated device); a
+    /// real one of several ranks is refused ([`RankState::refusal`]). On failure nothing is attached.
     pub fn attach(&self, st: &mut SessionState) -> Result<(), String> {
+        if let Some(why) = self.refusal() {
+            return Err(why);
+        }
+        let real_here = st.backend.info().backend == "cuda";
         let mut made = Vec::with_capacity(self.comms.len());
         for c in &self.comms {
+            if c.nranks == 1 && (real_here || !c.emulated()) {
+                let comm = recreate(st, c).map_err(|e| {
+                    format!(
+                        "communicator {:#x} (job {}, 1 rank): re-creating it: {e}",
+                        c.handle,
+                        c.job()
+                    )
+                })?;
+                tracing::info!(
+                    "NCCL job {} (1 rank) re-created as job {} before collective #{}",
+                    c.job(),
+                    comm.id.job(),
+                    c.issued
+                );
+                made.push((Handle(c.handle), comm));
+                continue;
+            }
+            if real_here {
+                return Err(format!(
+                    "communicator {:#x} (job {}, rank {}/{}) was made on the emulated device; this server runs the \
+                     cuda backend",
+                    c.handle,
+                    c.job(),
+                    c.rank,
+                    c.nranks
+                ));
+            }
             let id = UniqueId::from_bytes(&c.id)
                 .ok_or_else(|| format!("communicator {:#x}: not a devproxy unique id", c.handle))?;
             let comm = RankComm::rejoin(id, c, 0).map_err(|e| {

@@ -401,3 +401,70 @@ fn split_by_color() {
     assert!(out[3].is_none());
     assert_eq!(out[0].unwrap().0, out[2].unwrap().0);
 }
+
+fn one_rank_state(id: Vec<u8>, nranks: i32) -> super::state::RankState {
+    super::state::RankState {
+        comms: vec![super::state::CommImage {
+            handle: 0x2345,
+            id,
+            rank: 0,
+            nranks,
+            issued: 5,
+            p2p: Vec::new(),
+        }],
+        replay: Vec::new(),
+    }
+}
+
+fn session() -> crate::server::session::SessionState {
+    let b: Arc<dyn Backend> = Arc::new(
+        EmulatedBackend::new_for_tests(&BackendOptions {
+            arena_bytes: 64 << 20,
+            threads: 1,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    crate::server::session::SessionState::new(b).unwrap()
+}
+
+#[test]
+fn a_saved_one_rank_real_communicator_is_re_created_with_its_counts() {
+    // A real NCCL id (random first bytes, not devproxy's magic), as the cuda backend saves it.
+    let mut id = vec![0u8; UNIQUE_ID_BYTES];
+    id[..8].copy_from_slice(&0x0bad_cafe_1234_5678u64.to_le_bytes());
+    let saved = one_rank_state(id, 1);
+    assert!(saved.refusal().is_none());
+    assert!(!saved.comms[0].emulated());
+    let mut st = session();
+    saved.attach(&mut st).unwrap();
+    let c = st.nccl.get(&Handle(0x2345)).expect("same handle").clone();
+    assert_eq!((c.rank, c.nranks, c.issued()), (0, 1, 5));
+    // On the emulated device it becomes an emulated communicator with a new hub, and works.
+    assert!(c.as_real().is_none() && !c.id.is_real());
+    let r = Rank {
+        b: st.backend.clone(),
+        stream: st.default_stream,
+        comm: c,
+    };
+    let p = put(&r, &[1.5, -2.0, 3.25]);
+    issue(&r, OpKind::AllReduce, DType::F32, RedOp::Avg, 3, p, p);
+    assert_eq!(get(&r, p, 3), vec![1.5, -2.0, 3.25]);
+    assert_eq!(r.comm.issued(), 6);
+}
+
+#[test]
+fn a_saved_multi_rank_real_communicator_is_refused_clearly() {
+    let mut id = vec![0u8; UNIQUE_ID_BYTES];
+    id[..8].copy_from_slice(&0x0bad_cafe_1234_5678u64.to_le_bytes());
+    let saved = one_rank_state(id, 2);
+    let why = saved.refusal().expect("refused");
+    assert!(why.contains("real NCCL communicator of 2 ranks"), "{why}");
+    assert!(why.contains("nccl-7856341"), "{why}");
+    let mut st = session();
+    assert_eq!(saved.attach(&mut st).unwrap_err(), why);
+    assert!(st.nccl.is_empty());
+    // An emulated communicator of several ranks is not refused (it rejoins its hub).
+    let emu = one_rank_state(UniqueId::new("x/job").unwrap().0.to_vec(), 2);
+    assert!(emu.refusal().is_none());
+}

@@ -329,12 +329,34 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             }
             Reply::Unit
         }
+        Request::NcclGetUniqueId if real_nccl(&b) => {
+            let lib = nccl_lib()?;
+            Reply::Bytes(lib.unique_id().map_err(nccl_failed)?.to_vec())
+        }
         Request::NcclGetUniqueId => {
             let id = crate::nccl::hub::start().map_err(|e| {
                 tracing::error!("ncclGetUniqueId: {e}");
                 CuError::UNKNOWN
             })?;
             Reply::Bytes(id.0.to_vec())
+        }
+        Request::NcclCommInitRank { id, nranks, rank } if real_nccl(&b) => {
+            let lib = nccl_lib()?;
+            let id: [u8; crate::nccl::UNIQUE_ID_BYTES] = id
+                .as_slice()
+                .try_into()
+                .map_err(|_| CuError::INVALID_VALUE)?;
+            let uid = crate::nccl::UniqueId(id);
+            if !uid.is_real() {
+                tracing::warn!(
+                    "ncclCommInitRank: the unique id was made by a server on the emulated device; this server runs \
+                     the cuda backend (every rank of a job must use the same backend)"
+                );
+                return Err(CuError::INVALID_VALUE);
+            }
+            let comm = crate::nccl::real::RealComm::init(lib, b.clone(), &id, nranks, rank)
+                .map_err(nccl_failed)?;
+            nccl_insert(s, seg, uid, rank, nranks, comm)
         }
         Request::NcclCommInitRank { id, nranks, rank } => {
             let id = crate::nccl::UniqueId::from_bytes(&id).ok_or_else(|| {
@@ -344,6 +366,23 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 CuError::INVALID_VALUE
             })?;
             nccl_join(s, seg, id, rank, nranks)?
+        }
+        Request::NcclCommSplit { comm, color, key } if nccl_comm(s, comm)?.as_real().is_some() => {
+            let c = nccl_comm(s, comm)?;
+            let real = c.as_real().expect("checked");
+            // Counted like the emulated split (a collective over the parent).
+            c.next_seq(&crate::nccl::OpKind::AllReduce);
+            match real.split(color, key).map_err(nccl_failed)? {
+                Some((new, rank, nranks)) => {
+                    let id = crate::nccl::UniqueId(crate::nccl::real::split_id(&c.id.0, color));
+                    nccl_insert(s, seg, id, rank, nranks, new)
+                }
+                None => Reply::NcclComm {
+                    comm: crate::protocol::Handle::NULL,
+                    rank: -1,
+                    nranks: 0,
+                },
+            }
         }
         Request::NcclCommSplit { comm, color, key } => {
             let c = nccl_comm(s, comm)?;
@@ -360,15 +399,18 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             }
         }
         Request::NcclCommDestroy { comm } => {
-            s.nccl.remove(&comm).ok_or(CuError::INVALID_HANDLE)?;
+            let c = s.nccl.remove(&comm).ok_or(CuError::INVALID_HANDLE)?;
+            if let Some(real) = c.as_real() {
+                real.destroy().map_err(nccl_failed)?;
+            }
             Reply::Unit
         }
         Request::NcclCommGetAsyncError { comm } => {
-            Reply::Int(if nccl_comm(s, comm)?.async_error().is_some() {
-                6
-            } else {
-                0
-            })
+            let c = nccl_comm(s, comm)?;
+            if let Some(real) = c.as_real() {
+                return Ok(Reply::Int(real.async_error().map_err(nccl_failed)?));
+            }
+            Reply::Int(if c.async_error().is_some() { 6 } else { 0 })
         }
         Request::MemAddressReserve {
             bytes,
@@ -485,7 +527,27 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                     },
                 ));
             }
-            crate::nccl::rank::enqueue_group(&b, items)?;
+            let real = items
+                .iter()
+                .filter(|(_, it)| it.comm.as_real().is_some())
+                .count();
+            if real == 0 {
+                crate::nccl::rank::enqueue_group(&b, items)?;
+            } else if real < items.len() {
+                tracing::warn!("NCCL group mixes real and emulated communicators");
+                return Err(CuError::INVALID_VALUE);
+            } else {
+                let lib = nccl_lib()?;
+                let mut ops = Vec::with_capacity(items.len());
+                for (st, it) in &items {
+                    ops.push(crate::nccl::real::RealOp {
+                        stream: b.raw_stream(*st)?,
+                        comm: it.comm.as_real().expect("all real"),
+                        op: &it.op,
+                    });
+                }
+                crate::nccl::real::run_group(lib, &ops).map_err(nccl_failed)?;
+            }
             Reply::Unit
         }
     })
@@ -496,6 +558,45 @@ fn nccl_comm(
     h: crate::protocol::Handle,
 ) -> Result<std::sync::Arc<crate::nccl::RankComm>, CuError> {
     s.nccl.get(&h).cloned().ok_or(CuError::INVALID_HANDLE)
+}
+
+/// Whether NCCL runs for real here: the cuda backend (`crate::nccl::real`); elsewhere it is emulated.
+fn real_nccl(b: &std::sync::Arc<dyn crate::backend::Backend>) -> bool {
+    b.info().backend == "cuda"
+}
+
+/// The real NCCL library, or ncclSystemError (CuError::UNKNOWN in the shim's mapping) with the reason logged.
+fn nccl_lib() -> Result<&'static crate::nccl::real::Lib, CuError> {
+    crate::nccl::real::lib().map_err(|e| {
+        tracing::error!("{e}");
+        CuError::UNKNOWN
+    })
+}
+
+fn nccl_failed((e, why): (CuError, String)) -> CuError {
+    tracing::error!("{why}");
+    e
+}
+
+/// Registers a real communicator under a new virtual handle.
+fn nccl_insert(
+    s: &mut SessionState,
+    seg: &Segment,
+    id: crate::nccl::UniqueId,
+    rank: i32,
+    nranks: i32,
+    comm: crate::nccl::real::RealComm,
+) -> Reply {
+    let comm =
+        crate::nccl::RankComm::real(id, rank, nranks, seg as *const Segment as u64, comm, None);
+    s.set_next_handle(s.next_handle() + 1);
+    let h = crate::protocol::Handle(s.next_handle());
+    s.nccl.insert(h, comm);
+    Reply::NcclComm {
+        comm: h,
+        rank,
+        nranks,
+    }
 }
 
 fn nccl_join(

@@ -4,6 +4,9 @@
 //! ops created on it, so the getters need no round trip. Collectives and send/recv are fire-and-forget requests
 //! (`Request::NcclGroup`), enqueued by the server on the given stream; between ncclGroupStart and ncclGroupEnd they
 //! are buffered per thread (NCCL's groups are per thread) and sent as one group at the outermost ncclGroupEnd.
+//! The server carries them out with its emulated NCCL or, on the cuda backend, the real library
+//! (`devproxy::nccl::real`); either way this side is the same. Errors come back as `CuError`s mapped to the nearest
+//! `ncclResult_t` (`nccl_err`); the server logs NCCL's own message.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -277,13 +280,29 @@ pub unsafe fn ncclCommGetAsyncError(
         let c = client()?;
         let h = comm_handle(comm)?;
         let v = match c.call(&Request::NcclCommGetAsyncError { comm: h })? {
-            Reply::Int(0) => ncclResult_t::ncclSuccess,
-            Reply::Int(_) => ncclResult_t::ncclRemoteError,
+            Reply::Int(code) => result_of(code),
             other => return Err(unexpected("NcclCommGetAsyncError", &other)),
         };
         // SAFETY: caller's out-parameter.
         unsafe { put(asyncError, v) }
     })())
+}
+
+/// An `ncclResult_t` the server reports (the emulated device: 0 or 6; the cuda backend: what the real
+/// ncclCommGetAsyncError said). An unknown code is a remote error.
+fn result_of(code: i32) -> ncclResult_t {
+    use ncclResult_t::*;
+    match code {
+        0 => ncclSuccess,
+        1 => ncclUnhandledCudaError,
+        2 => ncclSystemError,
+        3 => ncclInternalError,
+        4 => ncclInvalidArgument,
+        5 => ncclInvalidUsage,
+        7 => ncclInProgress,
+        8 => ncclTimeout,
+        _ => ncclRemoteError,
+    }
 }
 
 fn dtype(d: c_uint) -> Result<DType, CuError> {

@@ -1291,6 +1291,15 @@ impl Backend for CudaBackend {
             .expect("bulk")
             .write(dst, src, pinned, (self.ctx, self.generation))
     }
+
+    fn bind_thread(&self) -> BResult<()> {
+        self.cur()
+    }
+
+    fn raw_stream(&self, stream: StreamId) -> BResult<usize> {
+        self.cur()?;
+        self.enqueue_stream(stream).map(|s| s as usize)
+    }
 }
 
 #[cfg(test)]
