@@ -256,6 +256,28 @@ impl RangeAllocator {
         Some(addr)
     }
 
+    /// Reserves exactly `[addr, addr + bytes)` (rounded; restore puts a saved reservation back where it was); `false`
+    /// if `addr` is misaligned, outside the range, or any of it is taken or reserved.
+    pub fn reserve_at(&mut self, addr: u64, bytes: u64) -> bool {
+        let Some(size) = self.rounded(bytes) else {
+            return false;
+        };
+        if size == 0 || addr % self.align != 0 || addr < self.base {
+            return false;
+        }
+        match addr.checked_add(size) {
+            Some(end) if end <= self.end() => {}
+            _ => return false,
+        }
+        match self.free.range(..=addr).next_back() {
+            Some((&s, &l)) if s + l >= addr + size => {}
+            _ => return false,
+        }
+        self.take(addr, size);
+        self.reserved.insert(addr, size);
+        true
+    }
+
     /// The reservation `(start, size)` that contains all of `[addr, addr + len)`.
     pub fn reservation_of(&self, addr: u64, len: u64) -> Option<(u64, u64)> {
         let (&b, &s) = self.reserved.range(..=addr).next_back()?;

@@ -125,6 +125,11 @@ pub trait Backend: Send + Sync {
         let _ = (bytes, align);
         Err(CuError::NOT_SUPPORTED)
     }
+    /// Reserves exactly `[addr, addr + bytes)` (restore puts a saved reservation back where it was).
+    fn mem_reserve_at(&self, addr: u64, bytes: u64) -> BResult<()> {
+        let _ = (addr, bytes);
+        Err(CuError::NOT_SUPPORTED)
+    }
     /// Gives a reservation back (cuMemAddressFree); fails while memory is allocated inside it.
     fn mem_unreserve(&self, addr: u64) -> BResult<()> {
         let _ = addr;

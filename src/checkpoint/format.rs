@@ -16,7 +16,8 @@ pub const MAGIC: [u8; 8] = *b"DVPXIMG\0";
 /// Image format major version: a reader refuses any other major.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Image format minor version: a reader accepts images with a minor up to its own.
-pub const FORMAT_MINOR: u16 = 0;
+/// 1: address-space reservations are saved (`ObjectState::Reservation`, a new enum variant: 1.0 images read the same).
+pub const FORMAT_MINOR: u16 = 1;
 /// Size of the header this version writes.
 pub const HEADER_BYTES: u32 = 128;
 /// Largest header a reader accepts (a later minor may grow it; the extra bytes are covered by the header CRC).
@@ -273,7 +274,10 @@ mod tests {
         let mut v = b.clone();
         v[8] = 9;
         let e = Header::decode(&v, None, "x").unwrap_err();
-        assert!(e.to_string().contains("format 9.0"), "{e}");
+        assert!(
+            e.to_string().contains(&format!("format 9.{FORMAT_MINOR}")),
+            "{e}"
+        );
         assert!(e.to_string().contains("1.0"), "{e}");
         // Not an image.
         let e = Header::decode(b"hello world, not an image", None, "x").unwrap_err();

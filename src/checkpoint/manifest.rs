@@ -98,6 +98,13 @@ pub enum ObjectState {
         params: Vec<(u32, u32)>,
         params_bytes: u32,
     },
+    /// An address-space reservation (cuMemAddressReserve; PyTorch's expandable segments live in them), saved under
+    /// handle 0 (no object has it): restore puts it back at its address before the mappings inside it are remade,
+    /// so the process can map, unmap and free in it as before. Since image format 1.1.
+    Reservation {
+        addr: u64,
+        bytes: u64,
+    },
 }
 
 /// A module-scope variable whose bytes are in the blob.
@@ -267,6 +274,16 @@ impl Manifest {
             let handles: HashMap<u64, &ObjectState> =
                 st.objects.iter().map(|(h, o)| (*h, o)).collect();
             for (h, o) in &st.objects {
+                if let ObjectState::Reservation { addr, bytes } = *o {
+                    let end = addr.checked_add(bytes);
+                    if *h != 0 || bytes == 0 || addr < arena.0 || end.is_none_or(|e| e > arena.1) {
+                        return bad(format!(
+                            "session {}: reservation {addr:#x} (+{bytes}) lies outside the arena",
+                            s.id
+                        ));
+                    }
+                    continue;
+                }
                 if *h == 0 || *h > st.next_handle {
                     return bad(format!("session {}: handle {h:#x} out of range", s.id));
                 }
@@ -359,6 +376,11 @@ impl<'a> Persist<'a> for Object {
     ) -> Result<Object, CheckpointError> {
         let dev = |what: &str, e: CuError| CheckpointError::Backend(format!("{what}: {e}"));
         Ok(match state {
+            ObjectState::Reservation { addr, .. } => {
+                return Err(CheckpointError::Backend(format!(
+                    "the reservation at {addr:#x} is not an object (restored with the session's memory)"
+                )))
+            }
             ObjectState::Stream { flags, priority } => Object::Stream {
                 id: b
                     .stream_create(ctx, *flags, *priority)
@@ -443,6 +465,12 @@ impl<'a> Persist<'a> for SessionState {
                 }
             }
         }
+        // Reservations after the objects, under handle 0 (see ObjectState::Reservation).
+        objects.extend(
+            self.reservations
+                .iter()
+                .map(|(&addr, &bytes)| (0, ObjectState::Reservation { addr, bytes })),
+        );
         Ok(StateImage {
             next_handle: self.next_handle(),
             objects,
@@ -478,6 +506,17 @@ fn rebuild(
     b: &Arc<dyn Backend>,
     st: &StateImage,
 ) -> Result<(), CheckpointError> {
+    // Reservations first: the mappings inside them are allocations that commit memory in them.
+    for (_, o) in &st.objects {
+        if let ObjectState::Reservation { addr, bytes } = *o {
+            b.mem_reserve_at(addr, bytes).map_err(|e| {
+                CheckpointError::Backend(format!(
+                    "address range {addr:#x} (+{bytes}) cannot be reserved here ({e}): another session holds it"
+                ))
+            })?;
+            s.reservations.insert(addr, bytes);
+        }
+    }
     for &(addr, bytes) in &st.allocations {
         b.mem_alloc_at(addr, bytes).map_err(|e| {
             CheckpointError::Backend(format!(
@@ -491,6 +530,7 @@ fn rebuild(
     let (mods, rest): (Vec<_>, Vec<_>) = st
         .objects
         .iter()
+        .filter(|(_, o)| !matches!(o, ObjectState::Reservation { .. }))
         .partition(|(_, o)| matches!(o, ObjectState::Module { .. }));
     for (h, o) in mods.into_iter().chain(rest) {
         let saved_globals: Vec<&GlobalImage> = st

@@ -18,11 +18,11 @@
 //!
 //! Checkpointed state implements [`Persist`] and the states compose into the [`Manifest`](manifest::Manifest).
 
+pub mod direct;
 pub mod format;
 pub mod image;
 pub mod manifest;
 pub mod ops;
-pub mod direct;
 
 use crate::control::{ControlReply, ControlRequest};
 use crate::server::Server;

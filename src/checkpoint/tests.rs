@@ -301,7 +301,7 @@ fn damaged_images_are_refused_and_nothing_is_left_behind() {
     std::fs::write(&path, &v).unwrap();
     let e = err_of(restore(&b, dir.path()));
     assert!(
-        e.contains(&format!("format {}.0", FORMAT_MAJOR + 1)) && e.contains("reads format 1.0"),
+        e.contains(&format!("format {}.", FORMAT_MAJOR + 1)) && e.contains("reads format 1.0"),
         "{e}"
     );
 
@@ -514,4 +514,67 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         .write(&cap.manifest, &mut fill, &mut || {}, &mut |_, _| {})
         .is_err());
     assert_eq!(tmp_files(), 1, "the unused preparation removed its file");
+}
+
+/// Address-space reservations (PyTorch's expandable segments) come back at their address with the mappings inside
+/// them, and the process can go on mapping, unmapping and freeing in them.
+#[test]
+fn reservations_survive_checkpoint_and_restore() {
+    let g = crate::protocol::VMM_GRANULARITY;
+    let b = backend();
+    let seg = segment();
+    let mut st = SessionState::new(b.clone()).unwrap();
+    let r = b.mem_reserve(4 * g, g).unwrap();
+    st.reservations.insert(r, 4 * g);
+    b.mem_alloc_at(r, g).unwrap();
+    b.write_device(r, &pattern(3, g as usize)).unwrap();
+    st.allocations.insert(r, Allocation { bytes: g });
+    let cap = take(&b, &mut st, &seg);
+    let dir = tempfile::tempdir().unwrap();
+    write(&b, &cap, dir.path());
+    let before = snapshot(&b, &st);
+    st.teardown();
+    assert!(
+        b.mem_reserve(4 * g, g)
+            .is_ok_and(|x| b.mem_unreserve(x).is_ok()),
+        "teardown gave the reservation back"
+    );
+
+    let mut back = restore(&b, dir.path()).unwrap().state;
+    assert_eq!(back.reservations.get(&r), Some(&(4 * g)));
+    assert_eq!(snapshot(&b, &back), before);
+    // The reservation is live again: more can be mapped in it, and it can be released once empty.
+    b.mem_alloc_at(r + g, g).unwrap();
+    b.mem_free(r + g).unwrap();
+    b.mem_free(r).unwrap();
+    back.allocations.clear();
+    b.mem_unreserve(r).unwrap();
+    back.reservations.clear();
+    back.teardown();
+}
+
+/// Images of format 1.0 (before reservations were saved) restore unchanged: the new enum variant leaves the old
+/// encoding as it was.
+#[test]
+fn format_1_0_images_still_restore() {
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let cap = take(&b, &mut st, &seg);
+    let dir = tempfile::tempdir().unwrap();
+    write(&b, &cap, dir.path());
+    let before = snapshot(&b, &st);
+    st.teardown();
+    let path = dir.path().join(super::format::IMAGE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut h = super::format::Header::decode(&bytes, Some(bytes.len() as u64), "t").unwrap();
+    h.minor = 0;
+    let enc = h.encode();
+    bytes[..enc.len()].copy_from_slice(&enc);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = LoadedImage::open(dir.path()).unwrap();
+    assert_eq!((img.header.major, img.header.minor), (1, 0));
+    let mut back = restore(&b, dir.path()).unwrap().state;
+    assert_eq!(snapshot(&b, &back), before);
+    back.teardown();
 }

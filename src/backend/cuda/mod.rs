@@ -760,6 +760,10 @@ impl Backend for CudaBackend {
         self.arena.lock().reserve(bytes, align)
     }
 
+    fn mem_reserve_at(&self, addr: u64, bytes: u64) -> BResult<()> {
+        self.arena.lock().reserve_at(addr, bytes)
+    }
+
     fn mem_unreserve(&self, addr: u64) -> BResult<()> {
         self.arena.lock().unreserve(addr)
     }

@@ -166,6 +166,17 @@ impl<M: Mapper> VmmArena<M> {
             .ok_or(CuError::OUT_OF_MEMORY)
     }
 
+    /// Reserves exactly `[addr, addr + bytes)` (restore); INVALID_VALUE if it is not free or not granule-aligned.
+    pub fn reserve_at(&mut self, addr: u64, bytes: u64) -> BResult<()> {
+        let size = bytes
+            .checked_next_multiple_of(self.gran)
+            .ok_or(CuError::INVALID_VALUE)?;
+        if bytes == 0 || addr % self.gran != 0 || !self.allocs.reserve_at(addr, size) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(())
+    }
+
     /// Gives a reservation back; INVALID_VALUE if none starts at `addr` or memory is still mapped inside it.
     pub fn unreserve(&mut self, addr: u64) -> BResult<()> {
         self.allocs

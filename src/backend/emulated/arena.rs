@@ -157,6 +157,14 @@ impl Arena {
             .ok_or(CuError::OUT_OF_MEMORY)
     }
 
+    /// Reserves exactly `[addr, addr + bytes)` (restore); INVALID_VALUE if any of it is taken.
+    pub fn reserve_at(&self, addr: u64, bytes: u64) -> Result<(), CuError> {
+        if bytes == 0 || !self.table.write().ranges.reserve_at(addr, bytes) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(())
+    }
+
     /// Gives a reservation back; INVALID_VALUE if none starts at `addr` or memory is still allocated inside it.
     pub fn unreserve(&self, addr: u64) -> Result<(), CuError> {
         self.table

@@ -429,6 +429,10 @@ impl Backend for EmulatedBackend {
         self.arena.reserve(bytes, align)
     }
 
+    fn mem_reserve_at(&self, addr: u64, bytes: u64) -> BResult<()> {
+        self.arena.reserve_at(addr, bytes)
+    }
+
     fn mem_unreserve(&self, addr: u64) -> BResult<()> {
         self.arena.unreserve(addr)
     }
