@@ -4,6 +4,7 @@
 # Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
 #
 #   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt
+#                              nccl
 #                              (default: all)
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
@@ -26,7 +27,7 @@ W=/dev/shm/devproxy-gpu; rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
-STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt"}
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt nccl"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
@@ -289,6 +290,45 @@ if want torchckpt; then
     rm -rf "$W/img-tc"
     cleanup_servers
   done
+fi
+
+# ---- 11. NCCL on the cuda backend (issue 7): the server runs the real libnccl. ddp_train with one rank under devproxy
+# must give the CPU reference's checksum; PyTorch DDP (backend nccl, world size 1) must give the native losses.
+if want nccl; then
+  export DEVPROXY_NCCL_LIB=${DEVPROXY_NCCL_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2}
+  TPY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
+  DDP="$B/ddp_train"; [ -x "$DDP" ] || DDP=target/release/examples/ddp_train
+  say "  nccl: server library DEVPROXY_NCCL_LIB=$DEVPROXY_NCCL_LIB ($([ -f "$DEVPROXY_NCCL_LIB" ] && echo present || echo MISSING))"
+  if [ -x "$DDP" ]; then
+    timeout 120 "$DDP" --cpu --ranks 1 --steps 60 >"$W/ddp.ref" 2>>"$LOG"
+    timeout 300 "$B/devproxy" run --backend "$BACKEND" -- "$DDP" --ranks 1 --steps 60 >"$W/ddp.proxy" 2>"$W/ddp.proxy.err"
+    cat "$W/ddp.proxy.err" >>"$LOG"
+    grep -m1 -E 'NCCL .* loaded from|NCCL not found|not a usable NCCL' "$W/ddp.proxy.err" | sed 's/^/  server: /' | tee -a "$SUM" >/dev/null
+    r=$(grep -m1 '^checksum' "$W/ddp.ref"); p=$(grep -m1 '^checksum' "$W/ddp.proxy")
+    if [ -n "$r" ] && [ "$r" = "$p" ]; then
+      pass "nccl: ddp_train, 1 rank, NCCL in the $BACKEND server: $p, identical to the CPU reference"
+    else
+      fail "nccl: ddp_train, 1 rank: reference '$r', devproxy '${p:-none}': $(grep -m1 -iE 'error|panic' "$W/ddp.proxy.err")"
+    fi
+  else
+    fail "nccl: no ddp_train binary in $B (gpu/pack.sh must copy examples/ddp_train)"
+  fi
+  timeout 120 "$TPY" gpu/torch_ddp.py --steps 6 --port 29511 >"$W/tddp.native" 2>"$W/tddp.native.err"
+  timeout 240 "$B/devproxy" run --backend "$BACKEND" -- "$TPY" gpu/torch_ddp.py --steps 6 --port 29512 >"$W/tddp.proxy" 2>"$W/tddp.proxy.err"
+  tail -n 40 "$W/tddp.native.err" "$W/tddp.proxy.err" >>"$LOG"
+  nt=$(grep -o '[0-9.]* ms/step' "$W/tddp.native.err" | awk '{print $1}')
+  pt=$(grep -o '[0-9.]* ms/step' "$W/tddp.proxy.err" | awk '{print $1}')
+  # The NCCL the application called: natively the real one, under devproxy the shim (its own version number); the
+  # same number on both lines would mean the application loaded the real libnccl past the shim.
+  nv=$(grep -m1 '^nccl version' "$W/tddp.native.err"); pv=$(grep -m1 '^nccl version' "$W/tddp.proxy.err")
+  say "  torch ddp: application's NCCL natively '${nv:-?}', under devproxy '${pv:-?}'"
+  if [ -s "$W/tddp.native" ] && cmp -s "$W/tddp.native" "$W/tddp.proxy"; then
+    pass "nccl: torch DDP (nccl, world size 1) transformer losses identical natively and under devproxy ($(wc -l <"$W/tddp.native") steps); step native $nt ms, devproxy $pt ms, ratio $(ratio "$pt" "$nt")"
+  else
+    fail "nccl: torch DDP: native $(wc -l <"$W/tddp.native") steps, devproxy $(wc -l <"$W/tddp.proxy") steps; first proxy error: $(grep -m1 -iE 'error|not supported|fault' "$W/tddp.proxy.err")"
+    DEVPROXY_LOG=trace timeout 120 "$B/devproxy" run --backend "$BACKEND" -- "$TPY" gpu/torch_ddp.py --steps 2 --port 29513 >/dev/null 2>"$W/trace-ddp.txt"
+    { grep -v ' -> CUDA_SUCCESS$' "$W/trace-ddp.txt" | grep -v '^devproxy: cu[A-Za-z_0-9]* -> ' | head -n 60; echo ...; tail -n 250 "$W/trace-ddp.txt"; } >"$OUT/trace-ddp.txt"
+  fi
 fi
 
 rm -rf "$W"
