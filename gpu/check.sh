@@ -260,21 +260,28 @@ if want torch; then
 fi
 
 # ---- 10. the transformer checkpointed with --stop mid-training (server killed, restored) and live-migrated: the
-# remaining losses must equal an uninterrupted native run's.
+# remaining losses must equal an uninterrupted native run's. `ckpt-expandable`: the same checkpoint with PyTorch's
+# expandable segments (cuMemAddressReserve/Map: reservations saved in the image), against a native run with them.
 if want torchckpt; then
   TPY=${TORCH_PY:-/opt/torch/.venv/bin/python3}
   TM=${TORCHCKPT_MODEL:-transformer}
   TARGS="--model $TM --steps 12 --step-delay-ms 300"
   timeout 90 "$TPY" gpu/torch_train.py $TARGS >"$W/tc.native" 2>>"$LOG"
-  for how in ckpt migrate; do
+  for how in ${TORCHCKPT_HOW:-ckpt migrate ckpt-expandable}; do
     cleanup_servers
+    REF="$W/tc.native"
+    if [ $how = ckpt-expandable ]; then
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+      REF="$W/tc.native-expandable"
+      timeout 90 "$TPY" gpu/torch_train.py $TARGS >"$REF" 2>>"$LOG"
+    fi
     S1="$DEVPROXY_RUNTIME_DIR/tc1.sock"; S2="$DEVPROXY_RUNTIME_DIR/tc2.sock"
     serve "$S1"; [ $how = migrate ] && serve "$S2"
     "$B/devproxy" run --server "$S1" -- "$TPY" gpu/torch_train.py $TARGS >"$W/tc.$how" 2>>"$LOG" &
     RUN=$!
     wait_line "$W/tc.$how" "step 4 " 90
     pid=$(sess_pid "$S1" python)
-    if [ $how = ckpt ]; then
+    if [ $how != migrate ]; then
       timeout 120 "$B/devproxy" checkpoint --server "$S1" --pid "$pid" --out "$W/img-tc" --stop 2>>"$LOG" | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
       pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S1"; sleep 0.3
       ( "$B/devproxy" restore "$W/img-tc" --socket "$S1" --backend "$BACKEND" >>"$LOG" 2>&1 & )
@@ -282,10 +289,11 @@ if want torchckpt; then
       timeout 120 "$B/devproxy" migrate --server "$S1" --pid "$pid" --to "$S2" 2>>"$LOG" | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
     fi
     timeout 120 tail --pid=$RUN -f /dev/null
-    if [ -s "$W/tc.native" ] && cmp -s "$W/tc.native" "$W/tc.$how"; then
-      pass "torchckpt: $TM $how mid-training: all $(wc -l <"$W/tc.native") losses identical to native"
+    unset PYTORCH_CUDA_ALLOC_CONF
+    if [ -s "$REF" ] && cmp -s "$REF" "$W/tc.$how"; then
+      pass "torchckpt: $TM $how mid-training: all $(wc -l <"$REF") losses identical to native"
     else
-      fail "torchckpt: $TM $how: native $(wc -l <"$W/tc.native") steps, devproxy $(wc -l <"$W/tc.$how") ($(tail -n1 "$W/tc.$how"))"
+      fail "torchckpt: $TM $how: native $(wc -l <"$REF") steps, devproxy $(wc -l <"$W/tc.$how") ($(tail -n1 "$W/tc.$how"))"
     fi
     rm -rf "$W/img-tc"
     cleanup_servers
