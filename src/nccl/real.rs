@@ -500,14 +500,14 @@ fn issue(
             }
             other => op_code(other).expect("built-in op"),
         };
-        codes.push(code);
+        codes.push((comm, code));
     }
     // SAFETY: no arguments.
     let r = unsafe { (lib.group_start)() };
     lib.check(r, "ncclGroupStart", std::ptr::null_mut())?;
     let mut first: Result<(), (CuError, String)> = Ok(());
-    for (o, &code) in ops.iter().zip(&codes) {
-        let comm = o.comm.raw()?;
+    // Nothing below returns before ncclGroupEnd: the communicators were resolved above.
+    for (o, &(comm, code)) in ops.iter().zip(&codes) {
         let (s, st) = (o.op.send as usize as *mut c_void, o.stream as Stream);
         let r_ = o.op.recv as usize as *mut c_void;
         let (n, dt) = (o.op.count as usize, dtype_code(o.op.dtype));

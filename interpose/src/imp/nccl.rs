@@ -180,6 +180,14 @@ pub unsafe fn ncclCommInitAll(
     if comm.is_null() || ndev < 1 {
         return ncclResult_t::ncclInvalidArgument;
     }
+    // On the cuda backend each rank is a real NCCL rank, one per GPU: several in one process would all be on this
+    // session's one device (and the first ncclCommInitRank would wait for the others forever).
+    if ndev > 1 && ensure_client().is_ok_and(|c| c.device().backend == "cuda") {
+        crate::log::warn(format_args!(
+            "ncclCommInitAll with {ndev} devices: devproxy gives a process one GPU; use one process per rank"
+        ));
+        return ncclResult_t::ncclInvalidUsage;
+    }
     let mut id = ncclUniqueId { internal: [0; 128] };
     // SAFETY: `id` is a local.
     let r = unsafe { ncclGetUniqueId(&mut id) };
