@@ -645,9 +645,10 @@ mod tests {
     }
 
     /// Builds the stand-in library (testdata/fake_nccl.c) with the system's C compiler; `None` where there is none.
+    /// The file is removed when this returns: the loaded library stays mapped, and is found again by its name.
     fn fake_lib() -> Option<&'static Lib> {
-        let dir = tempfile::tempdir().ok()?.keep();
-        let so = dir.join("libnccl.so.2");
+        let dir = tempfile::tempdir().ok()?;
+        let so = dir.path().join("libnccl.so.2");
         let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/nccl/testdata/fake_nccl.c");
         let ok = std::process::Command::new("cc")
             .args(["-shared", "-fPIC", "-O1", "-o"])
