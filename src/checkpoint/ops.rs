@@ -845,6 +845,11 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
         )
     })?;
     let was_paused = sh.phase() == Phase::Paused;
+    if let Some(why) = crate::nccl::restore::migration_refusal(&sh, was_paused)? {
+        return Err(format!(
+            "migration of pid {pid} refused (it stays here): {why}"
+        ));
+    }
     let t0 = Instant::now();
     // The memory file that carries the blob is made ready while the process still runs (see `direct::BlobFd`).
     let blob_fd = BlobFd::new(

@@ -253,6 +253,25 @@ fn serve_ranks(
     srv.serve()
 }
 
+/// Why the session's communicators cannot move, if they cannot (a migration asks before its barrier, so a refusal
+/// costs the process nothing). The session stays as it was: running, or paused when `paused`.
+pub fn migration_refusal(sh: &Arc<SessionShared>, paused: bool) -> Result<Option<String>, String> {
+    let outcome = if paused {
+        JobOutcome::Pause
+    } else {
+        JobOutcome::Continue
+    };
+    sh.run_job(move |st, _| {
+        let saved = RankState::of(st, Vec::new());
+        let why = if saved.comms.is_empty() {
+            None
+        } else {
+            saved.refusal()
+        };
+        (why, outcome)
+    })
+}
+
 /// Migration source, after the target adopted the session image: sends the session's communicators to the target,
 /// which rejoins their cliques (replacing this server's connections). A session without communicators sends nothing.
 pub fn hand_over(sh: &Arc<SessionShared>, to: &Path) -> Result<(), String> {
