@@ -487,6 +487,7 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     // The image restores.
     let before = snapshot(&b, &st);
     st.teardown();
+    super::direct::FORCE_DIRECT_RESTORE.store(true, std::sync::atomic::Ordering::SeqCst);
     let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
     let mut back = restore(&b, fast.path()).unwrap().state;
     assert!(
