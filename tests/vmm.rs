@@ -87,11 +87,18 @@ ok(lib.cuMemcpyHtoD_v2(ctypes.c_uint64(base.value + 2 * G), ctypes.byref(src, 2 
 ok(lib.cuMemcpyDtoH_v2(dst, ctypes.c_uint64(base.value), ctypes.c_size_t(2 * G)), "dtoh 1")
 ok(lib.cuMemcpyDtoH_v2(ctypes.byref(dst, 2 * G), ctypes.c_uint64(base.value + 2 * G), ctypes.c_size_t(G)), "dtoh 2")
 assert bytes(dst) == bytes(src), "round trip through mapped memory"
+# One copy across the boundary between the two mappings (PyTorch's expandable segments place tensors so).
+dst2 = (ctypes.c_ubyte * n)()
+ok(lib.cuMemcpyHtoD_v2(ctypes.c_uint64(base.value), src, ctypes.c_size_t(n)), "htod across")
+ok(lib.cuMemcpyDtoH_v2(dst2, ctypes.c_uint64(base.value), ctypes.c_size_t(n)), "dtoh across")
+assert bytes(dst2) == bytes(src), "round trip across two mappings"
+# Past the end of the mapped range is still refused.
+assert lib.cuMemcpyDtoH_v2(dst2, ctypes.c_uint64(base.value + G), ctypes.c_size_t(2 * G + 1)) != 0
 # A device-to-device copy from the mapping into the cuMemAlloc buffer and back out.
-ok(lib.cuMemcpyDtoD_v2(other, ctypes.c_uint64(base.value + G - 4096), ctypes.c_size_t(8192)), "dtod")
+ok(lib.cuMemcpyDtoD_v2(other, ctypes.c_uint64(base.value + 2 * G - 4096), ctypes.c_size_t(8192)), "dtod across")
 small = (ctypes.c_ubyte * 8192)()
 ok(lib.cuMemcpyDtoH_v2(small, other, ctypes.c_size_t(8192)), "dtoh small")
-assert bytes(small) == bytes(src)[G - 4096:G + 4096]
+assert bytes(small) == bytes(src)[2 * G - 4096:2 * G + 4096]
 pb = ctypes.c_uint64(0); ps = ctypes.c_size_t(0)
 ok(lib.cuMemGetAddressRange_v2(ctypes.byref(pb), ctypes.byref(ps), ctypes.c_uint64(base.value + 5)), "address range")
 assert (pb.value, ps.value) == (base.value, 2 * G)

@@ -342,6 +342,29 @@ impl RangeAllocator {
         (end <= b + s).then_some((b, s))
     }
 
+    /// Whether live allocations that follow each other without a gap cover all of `[addr, addr + len)` (`len` 0
+    /// counts as 1 byte): a copy may run across mappings placed back to back in a reservation, as on a GPU, where
+    /// PyTorch's expandable segments put one tensor across two of them.
+    pub fn covers(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len.max(1)) else {
+            return false;
+        };
+        let Some((&b, &s)) = self.live.range(..=addr).next_back() else {
+            return false;
+        };
+        let mut reached = b + s;
+        if reached <= addr {
+            return false;
+        }
+        for (&b, &s) in self.live.range(reached..) {
+            if reached >= end || b != reached {
+                break;
+            }
+            reached = b + s;
+        }
+        reached >= end
+    }
+
     /// Live allocations `(base, size)` in address order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.live.iter().map(|(&a, &s)| (a, s))
@@ -421,6 +444,33 @@ mod tests {
         assert_eq!(a.free_ranges().collect::<Vec<_>>(), vec![(B, 4096)]);
         assert_eq!(a.alloc(4096), Some(B));
         assert_eq!(a.alloc(1), None);
+    }
+
+    #[test]
+    fn covers_spans_back_to_back_allocations_only() {
+        let mut a = RangeAllocator::new(B, 1 << 20, 256);
+        let r = a.reserve(4096, 256).unwrap();
+        assert!(a.alloc_at(r, 1024) && a.alloc_at(r + 1024, 1024));
+        assert!(a.covers(r, 2048), "two mappings back to back");
+        assert!(a.covers(r + 1000, 100) && a.covers(r + 2047, 1));
+        assert!(!a.covers(r, 2049), "past the second mapping");
+        assert!(a.alloc_at(r + 3072, 1024));
+        assert!(!a.covers(r + 1024, 3072), "a gap between mappings");
+        assert!(!a.covers(r + 2048, 1), "nothing there");
+        assert!(!a.covers(u64::MAX - 1, 4));
+    }
+
+    #[test]
+    fn reserve_at_places_a_reservation_exactly() {
+        let mut a = RangeAllocator::new(B, 1 << 20, 256);
+        let p = a.alloc(4096).unwrap();
+        assert!(!a.reserve_at(p, 256), "taken");
+        assert!(!a.reserve_at(B + 8192 + 1, 256), "misaligned");
+        assert!(a.reserve_at(B + 8192, 8192));
+        assert_eq!(a.reservation_of(B + 9000, 10), Some((B + 8192, 8192)));
+        assert!(!a.reserve_at(B + 12288, 256), "inside the reservation");
+        assert_eq!(a.unreserve(B + 8192), Some(8192));
+        a.check_invariants();
     }
 
     #[test]

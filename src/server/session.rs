@@ -148,7 +148,8 @@ impl SessionState {
         }
     }
 
-    /// Checks that `[ptr, ptr + len)` lies inside one allocation (or module variable) of this session.
+    /// Checks that `[ptr, ptr + len)` lies inside this session's allocations (one, or several placed back to back:
+    /// mappings in a reservation, which a GPU copies across as one range) or inside one module variable.
     pub fn check_range(&self, ptr: u64, len: u64) -> Result<(), CuError> {
         let end = ptr.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
         let inside = |map: &BTreeMap<u64, u64>| {
@@ -160,7 +161,19 @@ impl SessionState {
             .allocations
             .range(..=ptr)
             .next_back()
-            .is_some_and(|(base, a)| end <= base + a.bytes);
+            .is_some_and(|(&base, a)| {
+                let mut reached = base + a.bytes;
+                if reached <= ptr && len > 0 {
+                    return false;
+                }
+                for (&b, a) in self.allocations.range(reached..) {
+                    if reached >= end || b != reached {
+                        break;
+                    }
+                    reached = b + a.bytes;
+                }
+                end <= reached
+            });
         if in_alloc || inside(&self.globals) {
             Ok(())
         } else {

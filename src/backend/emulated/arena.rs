@@ -204,12 +204,10 @@ impl Arena {
         self.table.read().ranges.find(addr, 1)
     }
 
-    /// Whether `[addr, addr + len)` lies inside one live allocation (`len` 0 counts as 1 byte).
+    /// Whether `[addr, addr + len)` lies inside live allocations placed back to back (usually one; see
+    /// [`RangeAllocator::covers`](crate::backend::arena::RangeAllocator::covers)); `len` 0 counts as 1 byte.
     pub fn check(&self, addr: u64, len: u64) -> bool {
-        let Some((s, l)) = self.find(addr) else {
-            return false;
-        };
-        addr.checked_add(len).is_some_and(|end| end <= s + l)
+        self.table.read().ranges.covers(addr, len)
     }
 
     /// Like [`Arena::check`] but an error for the API.
