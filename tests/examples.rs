@@ -157,6 +157,12 @@ dst = (ctypes.c_ubyte * 1024)()
 assert lib.cuMemcpyHtoD_v2(ptr, src, ctypes.c_size_t(1024)) == 0
 assert lib.cuMemcpyDtoH_v2(dst, ptr, ctypes.c_size_t(1024)) == 0
 assert bytes(dst) == bytes(src)
+# The per-thread capture mode swaps (PyTorch's capture-mode guard around NCCL work): relaxed (2) in, global (0) out.
+mode = ctypes.c_int(2)
+assert lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(mode)) == 0 and mode.value == 0
+assert lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(mode)) == 0 and mode.value == 2
+bad = ctypes.c_int(7)
+assert lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(bad)) != 0
 print("version", v.value, "devices", n.value, "total", total.value, "roundtrip ok")
 "#;
     let out = sb.run_under(None, Path::new("python3"), &["-c", py]);

@@ -443,7 +443,7 @@ driver_table! {
     none cuTexRefSetMipmapLevelBias(hTexRef: CUtexref, bias: f32);
     none cuTexRefSetMipmapLevelClamp(hTexRef: CUtexref, minMipmapLevelClamp: f32, maxMipmapLevelClamp: f32);
     none cuTexRefSetMipmappedArray(hTexRef: CUtexref, hMipmappedArray: CUmipmappedArray, Flags: ::core::ffi::c_uint);
-    none cuThreadExchangeStreamCaptureMode(mode: *mut CUstreamCaptureMode);
+    fwd cuThreadExchangeStreamCaptureMode(mode: *mut CUstreamCaptureMode);
     none cuUserObjectCreate(object_out: *mut CUuserObject, ptr: *mut ::core::ffi::c_void, destroy: CUhostFn, initialRefcount: ::core::ffi::c_uint, flags: ::core::ffi::c_uint);
     none cuUserObjectRelease(object: CUuserObject, count: ::core::ffi::c_uint);
     none cuUserObjectRetain(object: CUuserObject, count: ::core::ffi::c_uint);

@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 use cudarc::driver::sys::{
     CUdevice, CUdeviceptr, CUfunction, CUfunction_attribute, CUgraph, CUgraphEdgeData, CUgraphNode,
     CUjit_option, CUkernel, CUlaunchConfig, CUlibrary, CUlibraryOption, CUmodule,
-    CUmoduleLoadingMode, CUresult, CUstream, CUstreamCaptureStatus,
+    CUmoduleLoadingMode, CUresult, CUstream, CUstreamCaptureMode, CUstreamCaptureStatus,
 };
 use devproxy::client::unexpected;
 use devproxy::protocol::{CuError, Handle, LaunchDims, Reply, Request};
@@ -562,6 +562,35 @@ pub unsafe fn cuStreamIsCapturing(
             captureStatus,
             CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE,
         )
+    }))
+}
+
+thread_local! {
+    /// This thread's stream-capture interaction mode (cuThreadExchangeStreamCaptureMode), as CUstreamCaptureMode.
+    static CAPTURE_MODE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Swaps the calling thread's capture mode with `*mode` (PyTorch's `CUDAStreamCaptureModeGuard` does this around
+/// NCCL and allocator work). Per-thread state only: devproxy captures no graphs, so the mode changes nothing else.
+///
+/// # Safety
+/// `mode` null or readable and writable.
+pub unsafe fn cuThreadExchangeStreamCaptureMode(mode: *mut CUstreamCaptureMode) -> CUresult {
+    ret(client().and_then(|_| {
+        if mode.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // Read as a plain integer: C may pass any value, which a Rust enum must not hold.
+        let p = mode.cast::<u32>();
+        // SAFETY: non-null, readable per the contract.
+        let want = unsafe { p.read() };
+        if want > 2 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let old = CAPTURE_MODE.with(|m| m.replace(want));
+        // SAFETY: non-null, writable per the contract.
+        unsafe { p.write(old) };
+        Ok(())
     }))
 }
 
