@@ -38,7 +38,16 @@ torch.backends.cudnn.allow_tf32 = False
 dev = torch.device("cuda", 0)
 torch.cuda.set_device(dev)
 dist.init_process_group("nccl", rank=0, world_size=1)
-print("nccl version " + ".".join(str(v) for v in torch.cuda.nccl.version()), file=sys.stderr, flush=True)
+# torch.cuda.nccl.version() is the version torch was compiled against; ncclGetVersion looked up in the process's
+# global scope is the one its NCCL calls bind to (under devproxy the preloaded shim, which says 2.30.0).
+import ctypes
+_v = ctypes.c_int(0)
+try:
+    ctypes.CDLL(None).ncclGetVersion(ctypes.byref(_v))
+    _nv = f"{_v.value // 10000}.{_v.value // 100 % 100}.{_v.value % 100}"
+except AttributeError:  # NCCL loaded privately (RTLD_LOCAL): not in the global scope
+    _nv = ".".join(str(v) for v in torch.cuda.nccl.version()) + " (compiled; no global ncclGetVersion)"
+print(f"nccl version {_nv}", file=sys.stderr, flush=True)
 
 layer = nn.TransformerEncoderLayer(d_model=1024, nhead=16, dim_feedforward=4096, batch_first=True, dropout=0.0)
 model = nn.TransformerEncoder(layer, num_layers=12).to(dev)
