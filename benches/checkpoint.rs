@@ -9,10 +9,10 @@
 
 use devproxy::backend::emulated::EmulatedBackend;
 use devproxy::backend::{Backend, BackendKind, BackendOptions};
+use devproxy::checkpoint::direct::{planned_len, Prepared};
 use devproxy::checkpoint::image::LoadedImage;
 use devproxy::checkpoint::manifest::DeviceImage;
 use devproxy::checkpoint::ops::{self, ExpectedCrc, Identity};
-use devproxy::checkpoint::direct::{planned_len, Prepared};
 use devproxy::server::session::{Allocation, SessionState};
 use devproxy::transport::{Segment, SegmentLayout};
 use std::sync::Arc;
