@@ -1110,36 +1110,26 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
     let sh2 = sh.clone();
     let r = sh.run_job(move |st, seg| {
         let what = "suspended state";
+        let restore_from = |src: &mut dyn BlobSource| {
+            restore_state(
+                &backend,
+                &s.manifest,
+                src,
+                ExpectedCrc::Known(s.crc),
+                what,
+                &mut || Ok(()),
+                &mut |_, _| {},
+            )
+        };
         let r = match &s.blob {
-            SuspendedBlob::Mem(blob) => {
-                let mut src: &[u8] = blob;
-                restore_state(
-                    &backend,
-                    &s.manifest,
-                    &mut src,
-                    ExpectedCrc::Known(s.crc),
-                    what,
-                    &mut || Ok(()),
-                    &mut |_, _| {},
-                )
+            SuspendedBlob::Mem(blob) => restore_from(&mut &blob[..]),
+            SuspendedBlob::File(f) => {
+                use std::io::Seek;
+                f.try_clone()
+                    .and_then(|mut src| src.rewind().map(|()| src))
+                    .map_err(|e| CheckpointError::Pipeline(format!("{what}: {e}")))
+                    .and_then(|mut src| restore_from(&mut src))
             }
-            SuspendedBlob::File(f) => f
-                .try_clone()
-                .map_err(|e| CheckpointError::Pipeline(format!("{what}: {e}")))
-                .and_then(|mut src| {
-                    use std::io::Seek;
-                    src.rewind()
-                        .map_err(|e| CheckpointError::Pipeline(format!("{what}: {e}")))?;
-                    restore_state(
-                        &backend,
-                        &s.manifest,
-                        &mut src,
-                        ExpectedCrc::Known(s.crc),
-                        what,
-                        &mut || Ok(()),
-                        &mut |_, _| {},
-                    )
-                }),
         };
         let r = match r {
             Ok(mut rebuilt) => {
