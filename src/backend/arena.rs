@@ -342,9 +342,10 @@ impl RangeAllocator {
         (end <= b + s).then_some((b, s))
     }
 
-    /// Whether live allocations that follow each other without a gap cover all of `[addr, addr + len)` (`len` 0
-    /// counts as 1 byte): a copy may run across mappings placed back to back in a reservation, as on a GPU, where
-    /// PyTorch's expandable segments put one tensor across two of them.
+    /// Whether `[addr, addr + len)` (`len` 0 counts as 1 byte) lies inside one live allocation, or, inside one
+    /// reservation, inside mappings that follow each other without a gap: a copy may run across mappings placed back
+    /// to back, as on a GPU, where PyTorch's expandable segments put one tensor across two of them. Ordinary
+    /// allocations that happen to be adjacent do not count (a copy past one's end is an error).
     pub fn covers(&self, addr: u64, len: u64) -> bool {
         let Some(end) = addr.checked_add(len.max(1)) else {
             return false;
@@ -354,6 +355,9 @@ impl RangeAllocator {
         };
         let mut reached = b + s;
         if reached <= addr {
+            return false;
+        }
+        if reached < end && self.reservation_of(addr, end - addr).is_none() {
             return false;
         }
         for (&b, &s) in self.live.range(reached..) {
@@ -458,6 +462,11 @@ mod tests {
         assert!(!a.covers(r + 1024, 3072), "a gap between mappings");
         assert!(!a.covers(r + 2048, 1), "nothing there");
         assert!(!a.covers(u64::MAX - 1, 4));
+        // Ordinary allocations next to each other are not one range.
+        let p = a.alloc(256).unwrap();
+        let q = a.alloc(256).unwrap();
+        assert_eq!(q, p + 256);
+        assert!(a.covers(p, 256) && !a.covers(p, 257));
     }
 
     #[test]

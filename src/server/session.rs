@@ -148,8 +148,8 @@ impl SessionState {
         }
     }
 
-    /// Checks that `[ptr, ptr + len)` lies inside this session's allocations (one, or several placed back to back:
-    /// mappings in a reservation, which a GPU copies across as one range) or inside one module variable.
+    /// Checks that `[ptr, ptr + len)` lies inside one allocation of this session, or inside one of its reservations
+    /// and mappings there placed back to back (a GPU copies across them as one range), or inside one module variable.
     pub fn check_range(&self, ptr: u64, len: u64) -> Result<(), CuError> {
         let end = ptr.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
         let inside = |map: &BTreeMap<u64, u64>| {
@@ -157,6 +157,7 @@ impl SessionState {
                 .next_back()
                 .is_some_and(|(base, bytes)| end <= base + bytes)
         };
+        let in_reservation = inside(&self.reservations);
         let in_alloc = self
             .allocations
             .range(..=ptr)
@@ -165,6 +166,9 @@ impl SessionState {
                 let mut reached = base + a.bytes;
                 if reached <= ptr && len > 0 {
                     return false;
+                }
+                if !in_reservation {
+                    return end <= reached;
                 }
                 for (&b, a) in self.allocations.range(reached..) {
                     if reached >= end || b != reached {
