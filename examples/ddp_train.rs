@@ -18,9 +18,11 @@
 mod common;
 #[path = "common/mlp.rs"]
 mod mlp;
+#[path = "common/nccl_id.rs"]
+mod nccl_id;
 
 use cudarc::driver::CudaContext;
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::nccl::{Comm, ReduceOp};
 use mlp::{Data, NP};
 use std::path::Path;
 
@@ -62,53 +64,14 @@ fn cpu_train(cfg: &Config, d: &Data) -> Vec<f32> {
     p
 }
 
-/// Rank 0 makes the id and publishes it atomically; the others wait for it.
-fn exchange_id(cfg: &Config, path: &Path) -> Result<Id, String> {
-    if cfg.rank == 0 {
-        let id = Id::new().map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
-        let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-        return Ok(id);
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if let Ok(b) = std::fs::read(path) {
-            if b.len() == 128 {
-                let mut internal = [0 as std::ffi::c_char; 128];
-                for (d, s) in internal.iter_mut().zip(&b) {
-                    *d = *s as std::ffi::c_char;
-                }
-                return Ok(Id::uninit(internal));
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(format!(
-                "rank {}: no unique id appeared at {} within 60 s",
-                cfg.rank,
-                path.display()
-            ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 fn device_train(cfg: &Config, d: &Data, id_file: &Path) -> Result<Vec<f32>, String> {
     common::check_driver()?;
-    // cudarc panics when libnccl cannot be loaded: check first.
-    // SAFETY: is_culib_present only tries to dlopen the library.
-    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Err(
-            "no NCCL (libnccl.so) found: run this under `devproxy run -- ...` or install NCCL"
-                .into(),
-        );
-    }
+    nccl_id::check_nccl()?;
     let ptx = common::compile(mlp::KERNELS)?;
     let e = mlp::err;
     let ctx = CudaContext::new(0).map_err(e("CudaContext::new"))?;
     let stream = ctx.default_stream();
-    let id = exchange_id(cfg, id_file)?;
+    let id = nccl_id::exchange_id(cfg.rank, id_file)?;
     let comm = Comm::from_rank(stream.clone(), cfg.rank, cfg.ranks, id)
         .map_err(|e| format!("ncclCommInitRank: {e:?}"))?;
     let module = ctx.load_module(ptx).map_err(e("load_module"))?;

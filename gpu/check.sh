@@ -321,6 +321,14 @@ if want nccl; then
   else
     fail "nccl: no ddp_train binary in $B (gpu/pack.sh must copy examples/ddp_train)"
   fi
+  # Every collective with every reduction op, one rank, results checked on the host.
+  timeout 120 "$B/devproxy" run --backend "$BACKEND" -- "$B/nccl_collectives" >"$W/coll.out" 2>"$W/coll.err"
+  cat "$W/coll.err" >>"$LOG"
+  if grep -q "^collectives ok" "$W/coll.out"; then
+    pass "nccl: $(grep '^collectives ok' "$W/coll.out") through the $BACKEND server"
+  else
+    fail "nccl: collectives: $(grep -m1 -iE 'error|mismatch|expected' "$W/coll.err" "$W/coll.out")"
+  fi
   timeout 120 "$TPY" gpu/torch_ddp.py --steps 6 --port 29511 >"$W/tddp.native" 2>"$W/tddp.native.err"
   timeout 240 "$B/devproxy" run --backend "$BACKEND" -- "$TPY" gpu/torch_ddp.py --steps 6 --port 29512 >"$W/tddp.proxy" 2>"$W/tddp.proxy.err"
   tail -n 40 "$W/tddp.native.err" "$W/tddp.proxy.err" >>"$LOG"

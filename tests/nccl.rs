@@ -31,10 +31,24 @@ fn checksum(stdout: &str) -> String {
         .to_string()
 }
 
-/// Starts rank `rank` of `ranks` under `devproxy run` (its own embedded server, or `server`).
+/// Starts rank `rank` of `ranks` of `ddp_train` under `devproxy run` (its own embedded server, or `server`).
 fn spawn_rank(
     sb: &Sandbox,
     server: Option<&Path>,
+    ranks: usize,
+    rank: usize,
+    extra: &[&str],
+) -> Child {
+    let mut args = vec!["--steps", STEPS];
+    args.extend_from_slice(extra);
+    spawn_program(sb, server, "ddp_train", ranks, rank, &args)
+}
+
+/// Starts rank `rank` of `ranks` of example `prog` (which takes `--ranks`, `--rank` and `--id-file`).
+fn spawn_program(
+    sb: &Sandbox,
+    server: Option<&Path>,
+    prog: &str,
     ranks: usize,
     rank: usize,
     extra: &[&str],
@@ -47,15 +61,8 @@ fn spawn_rank(
         None => c.args(["--backend", "emulated"]),
     };
     c.arg("--")
-        .arg(example("ddp_train"))
-        .args([
-            "--ranks",
-            &ranks.to_string(),
-            "--rank",
-            &rank.to_string(),
-            "--steps",
-            STEPS,
-        ])
+        .arg(example(prog))
+        .args(["--ranks", &ranks.to_string(), "--rank", &rank.to_string()])
         .arg("--id-file")
         .arg(&id)
         .args(extra)
@@ -66,7 +73,16 @@ fn spawn_rank(
         .expect("spawn devproxy run")
 }
 
+/// The final checksum line of each rank (see [`outputs`]).
 fn finish(children: Vec<Child>, limit: Duration) -> Vec<String> {
+    outputs(children, limit)
+        .iter()
+        .map(|so| checksum(so))
+        .collect()
+}
+
+/// Waits for every rank (each must succeed within `limit`); their standard outputs.
+fn outputs(children: Vec<Child>, limit: Duration) -> Vec<String> {
     let deadline = Instant::now() + limit;
     children
         .into_iter()
@@ -90,7 +106,7 @@ fn finish(children: Vec<Child>, limit: Duration) -> Vec<String> {
                 String::from_utf8_lossy(&out.stderr),
             );
             assert!(out.status.success(), "rank {r} failed:\n{so}\n{se}");
-            checksum(&so)
+            so.into_owned()
         })
         .collect()
 }
@@ -102,6 +118,22 @@ fn ddp_two_ranks_in_two_servers_matches_the_reference() {
     let kids = (0..2).map(|r| spawn_rank(&sb, None, 2, r, &[])).collect();
     for got in finish(kids, Duration::from_secs(40)) {
         assert_eq!(got, want);
+    }
+}
+
+/// Every collective with every reduction op, checked on the host by each of 3 ranks in 3 servers (what the GPU
+/// check's `nccl` step also runs with one rank on the cuda backend).
+#[test]
+fn every_collective_gives_the_expected_result_on_three_ranks() {
+    let sb = Sandbox::new();
+    let kids = (0..3)
+        .map(|r| spawn_program(&sb, None, "nccl_collectives", 3, r, &["--count", "1001"]))
+        .collect();
+    for (r, so) in outputs(kids, Duration::from_secs(60)).iter().enumerate() {
+        assert!(
+            so.contains(&format!("collectives ok: 12 checks (rank {r} of 3)")),
+            "{so}"
+        );
     }
 }
 
