@@ -170,7 +170,7 @@ impl PinnedMap {
 
     /// Page-locks every span with `backend`. On failure the spans already registered stay recorded, for `release`.
     fn register(&mut self, backend: &dyn Backend) -> Result<(), crate::protocol::CuError> {
-        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::sync::atomic::AtomicBool;
         let spans = self.spans();
         let ok: Vec<AtomicBool> = spans.iter().map(|_| AtomicBool::new(false)).collect();
         let r = parallel(spans.len(), |k| {

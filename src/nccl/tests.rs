@@ -152,18 +152,23 @@ struct Rank {
     comm: Arc<RankComm>,
 }
 
+/// A small emulated device for one rank.
+fn emulated() -> Arc<dyn Backend> {
+    Arc::new(
+        EmulatedBackend::new_for_tests(&BackendOptions {
+            arena_bytes: 64 << 20,
+            threads: 1,
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+}
+
 fn ranks(n: i32) -> Vec<Rank> {
     let id = hub::start().unwrap();
     (0..n)
         .map(|r| {
-            let b: Arc<dyn Backend> = Arc::new(
-                EmulatedBackend::new_for_tests(&BackendOptions {
-                    arena_bytes: 64 << 20,
-                    threads: 1,
-                    ..Default::default()
-                })
-                .unwrap(),
-            );
+            let b = emulated();
             let ctx = b.context_create().unwrap();
             let stream = b.stream_create(ctx, 0, 0).unwrap();
             let comm = RankComm::join(id, r, n, 0).unwrap();
@@ -417,15 +422,7 @@ fn one_rank_state(id: Vec<u8>, nranks: i32) -> super::state::RankState {
 }
 
 fn session() -> crate::server::session::SessionState {
-    let b: Arc<dyn Backend> = Arc::new(
-        EmulatedBackend::new_for_tests(&BackendOptions {
-            arena_bytes: 64 << 20,
-            threads: 1,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    crate::server::session::SessionState::new(b).unwrap()
+    crate::server::session::SessionState::new(emulated()).unwrap()
 }
 
 #[test]
