@@ -4,7 +4,7 @@
 # Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
 #
 #   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt
-#                              nccl
+#                              nccl nccl2
 #                              (default: all)
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
@@ -27,7 +27,7 @@ W=/dev/shm/devproxy-gpu; rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
-STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt nccl"}
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
@@ -345,6 +345,30 @@ if want nccl; then
     DEVPROXY_LOG=trace timeout 120 "$B/devproxy" run --backend "$BACKEND" -- "$TPY" gpu/torch_ddp.py --steps 2 --port 29513 >/dev/null 2>"$W/trace-ddp.txt"
     { grep -v ' -> CUDA_SUCCESS$' "$W/trace-ddp.txt" | grep -v '^devproxy: cu[A-Za-z_0-9]* -> ' | head -n 60; echo ...; tail -n 250 "$W/trace-ddp.txt"; } >"$OUT/trace-ddp.txt"
   fi
+fi
+
+# ---- 11. two NCCL ranks on one GPU: each rank's server gets its own NCCL_HOSTID, so NCCL treats them as two hosts
+if want nccl2; then
+  export DEVPROXY_NCCL_LIB=${DEVPROXY_NCCL_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2}
+  DDP="$B/ddp_train"
+  cleanup_servers
+  timeout 120 "$DDP" --cpu --ranks 2 --steps 60 >"$W/ddp2.ref" 2>>"$LOG"
+  S1="$DEVPROXY_RUNTIME_DIR/r0.sock"; S2="$DEVPROXY_RUNTIME_DIR/r1.sock"
+  NCCL_HOSTID=devproxy-rank0 serve "$S1"; NCCL_HOSTID=devproxy-rank1 serve "$S2"
+  rm -f "$W/ddp2.id"
+  for r in 0 1; do
+    S=$S1; [ $r = 1 ] && S=$S2
+    timeout 180 "$B/devproxy" run --server "$S" -- "$DDP" --ranks 2 --rank $r --id-file "$W/ddp2.id" --steps 60 >"$W/ddp2.$r" 2>"$W/ddp2.$r.err" &
+  done
+  wait
+  cat "$W/ddp2.0.err" "$W/ddp2.1.err" >>"$LOG"
+  r=$(grep -m1 '^checksum' "$W/ddp2.ref"); p0=$(grep -m1 '^checksum' "$W/ddp2.0"); p1=$(grep -m1 '^checksum' "$W/ddp2.1")
+  if [ -n "$r" ] && [ "$r" = "$p0" ] && [ "$r" = "$p1" ]; then
+    pass "nccl2: ddp_train, 2 ranks on one GPU (one server each, NCCL_HOSTID per server), real NCCL: $p0 on both, identical to the CPU reference"
+  else
+    fail "nccl2: 2 ranks: reference '$r', rank 0 '${p0:-none}', rank 1 '${p1:-none}': $(grep -h -m1 -iE 'error|panic|refused' "$W/ddp2.0.err" "$W/ddp2.1.err" | head -n2 | tr '\n' ' ')"
+  fi
+  cleanup_servers
 fi
 
 rm -rf "$W"

@@ -435,6 +435,7 @@ impl Prepared {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
+        super::phases::mark("finish");
         Ok(Written {
             path: final_path,
             file_bytes: file_len,
@@ -478,7 +479,7 @@ fn fill_mapped(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u32, CheckpointError> {
     let starts = region_starts(regions);
-    crc_alongside(map, blob_at, blob_len, true, |done| {
+    let crc = crc_alongside(map, blob_at, blob_len, true, |done| {
         let mut region = 0;
         pieces(blob_at, blob_len, |pos, n| {
             let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
@@ -494,9 +495,12 @@ fn fill_mapped(
             progress((pos + n) as u64, blob_len as u64);
             Ok(n)
         })?;
+        super::phases::mark("copy");
         resume();
         Ok(())
-    })
+    });
+    super::phases::mark("crc");
+    crc
 }
 
 /// A blob handed to another server on this machine (a live migration) as a memory file: created, faulted in and

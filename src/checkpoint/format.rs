@@ -17,7 +17,8 @@ pub const MAGIC: [u8; 8] = *b"DVPXIMG\0";
 pub const FORMAT_MAJOR: u16 = 1;
 /// Image format minor version: a reader accepts images with a minor up to its own.
 /// 1: address-space reservations are saved (`ObjectState::Reservation`, a new enum variant: 1.0 images read the same).
-pub const FORMAT_MINOR: u16 = 1;
+/// 2: function attributes the process set are saved (`ObjectState::FuncAttribute`, appended the same way).
+pub const FORMAT_MINOR: u16 = 2;
 /// Size of the header this version writes.
 pub const HEADER_BYTES: u32 = 128;
 /// Largest header a reader accepts (a later minor may grow it; the extra bytes are covered by the header CRC).

@@ -736,20 +736,27 @@ pub fn consume_blob(
                 if let Some(crc) =
                     super::direct::consume_mapped(file, *base, total, regions, apply, progress, b)?
                 {
+                    super::phases::mark("copy");
                     return Ok(crc);
                 }
             }
             let n = workers();
             let mut pool = Pool::new(total, n, pin);
+            super::phases::mark("buffers");
             let input = |off: u64, b: &mut [u8]| at.get_at(off, b);
-            consume_with(regions, &input, n, &mut pool, apply, progress)
+            let r = consume_with(regions, &input, n, &mut pool, apply, progress);
+            super::phases::mark("copy");
+            r
         }
         None => {
             let mut pool = Pool::new(total, 1, pin);
+            super::phases::mark("buffers");
             let source = parking_lot::Mutex::new(source);
             // One reader, chunks claimed in order: the stream is read sequentially.
             let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
-            consume_with(regions, &input, 1, &mut pool, apply, progress)
+            let r = consume_with(regions, &input, 1, &mut pool, apply, progress);
+            super::phases::mark("copy");
+            r
         }
     }
 }
@@ -811,7 +818,12 @@ fn consume_with(
         let consumed = (|| -> Result<(), CheckpointError> {
             let mut done = 0u64;
             let mut reported = 0u64;
+            // Where the consumer's time goes: waiting for readers, or writing to the device.
+            let (mut waited, mut applied) = (0f64, 0f64);
+            let mut t = std::time::Instant::now();
             for (k, buf, len) in full_rx.iter() {
+                waited += t.elapsed().as_secs_f64();
+                t = std::time::Instant::now();
                 let off = k * cap as u64;
                 // The last region starting at or before `off` (empty regions before it are skipped).
                 let mut region = starts.partition_point(|&s| s <= off).saturating_sub(1);
@@ -828,12 +840,16 @@ fn consume_with(
                 }
                 done += len as u64;
                 let _ = free_tx.send(buf);
+                applied += t.elapsed().as_secs_f64();
                 if done - reported >= PROGRESS_STEP {
                     progress(done, total);
                     reported = done;
                 }
+                t = std::time::Instant::now();
             }
             progress(done, total);
+            super::phases::add("(of which waiting for reads)", waited);
+            super::phases::add("(of which device writes)", applied);
             Ok(())
         })();
         // Unblock the readers if we stopped early.

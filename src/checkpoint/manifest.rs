@@ -105,6 +105,13 @@ pub enum ObjectState {
         addr: u64,
         bytes: u64,
     },
+    /// A function attribute the process set (cuFuncSetAttribute), saved under handle 0 after the objects and set
+    /// again on the reloaded function. Since image format 1.2.
+    FuncAttribute {
+        func: u64,
+        attr: i32,
+        value: i32,
+    },
 }
 
 /// A module-scope variable whose bytes are in the blob.
@@ -284,6 +291,16 @@ impl Manifest {
                     }
                     continue;
                 }
+                if let ObjectState::FuncAttribute { func, .. } = *o {
+                    if *h != 0 || !matches!(handles.get(&func), Some(ObjectState::Function { .. }))
+                    {
+                        return bad(format!(
+                            "session {}: a function attribute names no function ({func:#x})",
+                            s.id
+                        ));
+                    }
+                    continue;
+                }
                 if *h == 0 || *h > st.next_handle {
                     return bad(format!("session {}: handle {h:#x} out of range", s.id));
                 }
@@ -381,6 +398,11 @@ impl<'a> Persist<'a> for Object {
                     "the reservation at {addr:#x} is not an object (restored with the session's memory)"
                 )))
             }
+            ObjectState::FuncAttribute { func, .. } => {
+                return Err(CheckpointError::Backend(format!(
+                    "the attribute of function {func:#x} is not an object (set after the functions are rebuilt)"
+                )))
+            }
             ObjectState::Stream { flags, priority } => Object::Stream {
                 id: b
                     .stream_create(ctx, *flags, *priority)
@@ -471,6 +493,17 @@ impl<'a> Persist<'a> for SessionState {
                 .iter()
                 .map(|(&addr, &bytes)| (0, ObjectState::Reservation { addr, bytes })),
         );
+        // Then function attributes (of functions that still exist), also under handle 0.
+        objects.extend(
+            self.func_attrs
+                .iter()
+                .filter(|((f, _), _)| {
+                    matches!(self.objects.get(&Handle(*f)), Some(Object::Function { .. }))
+                })
+                .map(|(&(func, attr), &value)| {
+                    (0, ObjectState::FuncAttribute { func, attr, value })
+                }),
+        );
         Ok(StateImage {
             next_handle: self.next_handle(),
             objects,
@@ -530,7 +563,12 @@ fn rebuild(
     let (mods, rest): (Vec<_>, Vec<_>) = st
         .objects
         .iter()
-        .filter(|(_, o)| !matches!(o, ObjectState::Reservation { .. }))
+        .filter(|(_, o)| {
+            !matches!(
+                o,
+                ObjectState::Reservation { .. } | ObjectState::FuncAttribute { .. }
+            )
+        })
         .partition(|(_, o)| matches!(o, ObjectState::Module { .. }));
     for (h, o) in mods.into_iter().chain(rest) {
         let saved_globals: Vec<&GlobalImage> = st
@@ -552,6 +590,24 @@ fn rebuild(
             modules.insert(*h, *id);
         }
         s.insert_at(Handle(*h), obj);
+    }
+    for (_, o) in &st.objects {
+        if let ObjectState::FuncAttribute { func, attr, value } = *o {
+            let id = match s.objects.get(&Handle(func)) {
+                Some(Object::Function { id, .. }) => *id,
+                _ => {
+                    return Err(CheckpointError::Backend(format!(
+                        "an attribute names function {func:#x}, which was not restored"
+                    )))
+                }
+            };
+            b.func_set_attribute(id, attr, value).map_err(|e| {
+                CheckpointError::Backend(format!(
+                    "setting attribute {attr} = {value} of function {func:#x} again: {e}"
+                ))
+            })?;
+            s.func_attrs.insert((func, attr), value);
+        }
     }
     s.set_next_handle(st.next_handle);
     s.globals = st

@@ -23,6 +23,7 @@ pub mod format;
 pub mod image;
 pub mod manifest;
 pub mod ops;
+pub mod phases;
 
 use crate::control::{ControlReply, ControlRequest};
 use crate::server::Server;

@@ -395,6 +395,7 @@ fn checkpoint(
     let _busy = Busy::take(server, &sh)?;
     let was_paused = sh.phase() == Phase::Paused;
     let t0 = Instant::now();
+    super::phases::start();
     // The image file's pages are made ready while the process still runs (see `checkpoint::direct`).
     let planned = super::direct::planned_len(sh.device_bytes.load(Ordering::Relaxed));
     let prepared = match super::direct::Prepared::new(out, planned, &server.backend) {
@@ -405,6 +406,7 @@ fn checkpoint(
             ))
         }
     };
+    super::phases::mark("prepare");
     let prepared_note = prepared
         .as_ref()
         .map(|p| {
@@ -415,6 +417,7 @@ fn checkpoint(
         })
         .unwrap_or_default();
     let (cap, barrier_at) = barrier_and_capture(server, &sh)?;
+    super::phases::mark("barrier");
     let continue_early = !stop && !was_paused;
     let mut paused = None;
     let r = checkpoint_to_dir(
@@ -430,6 +433,7 @@ fn checkpoint(
         },
         &mut progress_to(send),
     );
+    super::phases::mark("write");
     let keep_paused = was_paused || (stop && r.is_ok());
     if !keep_paused && paused.is_none() {
         wait_paused(&sh);
@@ -451,6 +455,7 @@ fn checkpoint(
         bytes: w.blob_bytes,
         seconds: t0.elapsed().as_secs_f64(),
         paused_seconds: paused,
+        phases: super::phases::take(),
         path: w.path.display().to_string(),
     }))
 }
@@ -513,6 +518,7 @@ pub fn restore_state(
                 }
             }
         }
+        super::phases::mark("objects");
         ready()?;
         let crc = consume_blob(
             &manifest.regions,
@@ -622,8 +628,10 @@ pub fn restore_cmd(
     kind: Option<crate::backend::BackendKind>,
     device: u32,
 ) -> Result<(), String> {
+    super::phases::start();
     let img = LoadedImage::open(dir).map_err(|e| e.to_string())?;
     let backend = crate::cli::make_backend(kind, device, None)?;
+    super::phases::mark("driver");
     img.manifest
         .device
         .check_compatible(backend.info())
@@ -632,6 +640,8 @@ pub fn restore_cmd(
     let socket = socket.unwrap_or_else(|| PathBuf::from(&s.socket));
     let t0 = Instant::now();
     let mut reader = img.blob_reader().map_err(|e| e.to_string())?;
+    let driver_secs = super::phases::take();
+    super::phases::start();
     let what = img.path.display().to_string();
     let rebuilt = restore_state(
         &backend,
@@ -654,6 +664,10 @@ pub fn restore_cmd(
     }
     let bytes = rebuilt.bytes;
     let secs = t0.elapsed().as_secs_f64();
+    super::phases::mark("finish");
+    // The driver's start-up comes before the timed restore; it is shown, not counted.
+    let mut phases = driver_secs;
+    phases.extend(super::phases::take());
     let srv = Server::new(
         backend,
         ServerOptions {
@@ -669,6 +683,7 @@ pub fn restore_cmd(
             bytes,
             seconds: secs,
             paused_seconds: 0.0,
+            phases,
             path: what,
         }
     );
@@ -851,12 +866,15 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
         ));
     }
     let t0 = Instant::now();
+    super::phases::start();
     // The memory file that carries the blob is made ready while the process still runs (see `direct::BlobFd`).
     let blob_fd = BlobFd::new(
         direct::planned_len(sh.device_bytes.load(Ordering::Relaxed)),
         &server.backend,
     );
+    super::phases::mark("prepare");
     let (mut cap, barrier_at) = barrier_and_capture(server, &sh)?;
+    super::phases::mark("barrier");
     // (stream_to uses the memory file when the blob fits it)
     let how = if blob_fd
         .as_ref()
@@ -872,6 +890,7 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
     // An NCCL rank's communicators follow: the target rejoins their cliques before this server lets go.
     let moved = stream_to(&conn, &server.backend, &cap, blob_fd, send)
         .and_then(|s| crate::nccl::restore::hand_over(&sh, to).map(|()| s));
+    super::phases::mark("send");
     match moved {
         Ok(_) => {
             let sh2 = sh.clone();
@@ -891,11 +910,13 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
             while Instant::now() < deadline && waiting_on(to, sh.id) {
                 std::thread::sleep(Duration::from_millis(2));
             }
+            super::phases::mark("target takes over");
             send(&ControlReply::Done(Summary {
                 what: format!("migration of pid {pid} to {to_s} ({how})"),
                 bytes: cap.manifest.blob_len(),
                 seconds,
                 paused_seconds: barrier_at.elapsed().as_secs_f64(),
+                phases: super::phases::take(),
                 path: to_s,
             }))
         }
@@ -930,6 +951,7 @@ fn adopt(
 ) -> Result<(), String> {
     let what = "migration stream";
     let t0 = Instant::now();
+    super::phases::start();
     let header = Header::decode(first, None, what).map_err(|e| e.to_string())?;
     if header.flags & FLAG_TRAILING_BLOB_CRC == 0 {
         return Err(format!(
@@ -989,6 +1011,7 @@ fn adopt(
         bytes,
         seconds: t0.elapsed().as_secs_f64(),
         paused_seconds: 0.0,
+        phases: super::phases::take(),
         path: server.opts.socket.display().to_string(),
     }))
 }
@@ -1011,10 +1034,14 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         direct::planned_len(sh.device_bytes.load(Ordering::Relaxed)),
         &server.backend,
     );
+    let prepare_secs = t0.elapsed().as_secs_f64();
     let r = sh.run_job(move |st, seg| {
         let barrier_at = Instant::now();
+        super::phases::start();
+        super::phases::add("prepare", prepare_secs);
         let r = (|| {
             let cap = capture(st, seg, who, device)?;
+            super::phases::mark("barrier");
             let (blob, crc) = match blob_fd.filter(|f| f.fits(cap.manifest.blob_len())) {
                 Some(mut fd) => {
                     let mut fill = filler(&backend, &cap);
@@ -1030,8 +1057,10 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
                 }
             };
             // Device memory, modules, streams and events go; host registrations too (resume redoes them).
+            super::phases::mark("copy");
             st.teardown();
             sh2.device_bytes.store(0, Ordering::Relaxed);
+            super::phases::mark("free device memory");
             Ok::<_, CheckpointError>(Suspended {
                 manifest: cap.manifest,
                 blob,
@@ -1043,9 +1072,9 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         } else {
             JobOutcome::Continue
         };
-        (r.map(|s| (s, barrier_at)), outcome)
+        (r.map(|s| (s, barrier_at, super::phases::take())), outcome)
     })?;
-    let (s, barrier_at) =
+    let (s, barrier_at, phases) =
         r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
     let bytes = s.manifest.blob_len();
     let held_in = match s.blob {
@@ -1063,6 +1092,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         bytes,
         seconds: t0.elapsed().as_secs_f64(),
         paused_seconds: barrier_at.elapsed().as_secs_f64(),
+        phases,
         path: String::new(),
     }))
 }
@@ -1109,6 +1139,7 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
     let backend = server.backend.clone();
     let sh2 = sh.clone();
     let r = sh.run_job(move |st, seg| {
+        super::phases::start();
         let what = "suspended state";
         let restore_from = |src: &mut dyn BlobSource| {
             restore_state(
@@ -1136,14 +1167,15 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
                 register_host(&mut rebuilt.state, seg);
                 *st = rebuilt.state;
                 sh2.device_bytes.store(st.device_bytes(), Ordering::Relaxed);
-                Ok(rebuilt.bytes)
+                super::phases::mark("page-lock staging");
+                Ok((rebuilt.bytes, super::phases::take()))
             }
             Err(e) => Err((e, s)),
         };
         (r, JobOutcome::Continue)
     })?;
     match r {
-        Ok(bytes) => {
+        Ok((bytes, phases)) => {
             wait_paused(&sh);
             sh.resume();
             send(&ControlReply::Done(Summary {
@@ -1151,6 +1183,7 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
                 bytes,
                 seconds: t0.elapsed().as_secs_f64(),
                 paused_seconds: 0.0,
+                phases,
                 path: String::new(),
             }))
         }

@@ -579,3 +579,68 @@ fn format_1_0_images_still_restore() {
     assert_eq!(snapshot(&b, &back), before);
     back.teardown();
 }
+
+/// A function attribute the process set (here the dynamic shared memory limit, which PyTorch raises once per kernel
+/// and process) is set again at restore; without it a launch with more shared memory fails after a restore, as it
+/// did for PyTorch's attention kernels on the H100.
+#[test]
+fn function_attributes_survive_checkpoint_and_restore() {
+    use crate::protocol::{Reply, Request};
+    use crate::server::dispatch::execute;
+    const MAX_DYNAMIC_SHARED: i32 = 8;
+    let b = backend();
+    let seg = segment();
+    let mut st = populated(&b, &seg);
+    let func = *st
+        .objects
+        .iter()
+        .find(|(_, o)| matches!(o, Object::Function { .. }))
+        .unwrap()
+        .0;
+    let get = |st: &mut SessionState| match execute(
+        st,
+        &seg,
+        Request::FuncGetAttribute {
+            func,
+            attr: MAX_DYNAMIC_SHARED,
+        },
+    ) {
+        Reply::Int(v) => v,
+        other => panic!("{other:?}"),
+    };
+    let default = get(&mut st);
+    let raised = default + 64 * 1024;
+    assert!(matches!(
+        execute(
+            &mut st,
+            &seg,
+            Request::FuncSetAttribute {
+                func,
+                attr: MAX_DYNAMIC_SHARED,
+                value: raised,
+            },
+        ),
+        Reply::Unit
+    ));
+    assert_eq!(get(&mut st), raised);
+    let cap = take(&b, &mut st, &seg);
+    let dir = tempfile::tempdir().unwrap();
+    write(&b, &cap, dir.path());
+    st.teardown();
+    let mut back = restore(&b, dir.path()).unwrap().state;
+    assert_eq!(get(&mut back), raised, "the attribute is set again");
+    // And it is saved again by the next checkpoint.
+    let cap2 = take(&b, &mut back, &seg);
+    assert!(cap2.manifest.sessions[0]
+        .state
+        .objects
+        .iter()
+        .any(|(h, o)| *h == 0
+            && *o
+                == super::manifest::ObjectState::FuncAttribute {
+                    func: func.0,
+                    attr: MAX_DYNAMIC_SHARED,
+                    value: raised
+                }));
+    back.teardown();
+}

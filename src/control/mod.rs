@@ -55,6 +55,8 @@ pub struct Summary {
     /// Time the process was stopped (barrier to resume), in seconds.
     pub paused_seconds: f64,
     pub path: String,
+    /// Where the time went (`checkpoint::phases`), in order; empty where not recorded.
+    pub phases: Vec<(String, f64)>,
 }
 
 impl Summary {
@@ -79,9 +81,19 @@ impl std::fmt::Display for Summary {
         } else {
             String::new()
         };
+        let phases = if self.phases.is_empty() {
+            String::new()
+        } else {
+            let v: Vec<String> = self
+                .phases
+                .iter()
+                .map(|(n, s)| format!("{n} {s:.3} s"))
+                .collect();
+            format!(" [{}]", v.join(", "))
+        };
         write!(
             f,
-            "{}: {} in {:.3} s ({:.2} GB/s), process paused {:.3} s{over_pause}{}",
+            "{}: {} in {:.3} s ({:.2} GB/s), process paused {:.3} s{over_pause}{}{phases}",
             self.what,
             human_bytes(self.bytes),
             self.seconds,

@@ -247,6 +247,7 @@ fn serve_ranks(
             bytes,
             seconds: t0.elapsed().as_secs_f64(),
             paused_seconds: 0.0,
+            phases: crate::checkpoint::phases::take(),
             path: socket.display().to_string(),
         }
     );

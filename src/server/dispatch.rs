@@ -234,6 +234,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
         }
         Request::FuncSetAttribute { func, attr, value } => {
             b.func_set_attribute(s.function(func)?.0, attr, value)?;
+            s.func_attrs.insert((func.0, attr), value);
             Reply::Unit
         }
         Request::LaunchKernel(l) => {

@@ -66,6 +66,10 @@ pub struct SessionState {
     /// Address-space reservations (cuMemAddressReserve): base -> bytes. Mappings inside them are ordinary entries
     /// of `allocations` (so checkpoints save them); the reservations themselves are not part of an image.
     pub reservations: BTreeMap<u64, u64>,
+    /// Function attributes the process set (cuFuncSetAttribute, cuKernelSetAttribute): (function handle,
+    /// attribute) -> value. A restore sets them again on the reloaded functions: PyTorch raises a kernel's dynamic
+    /// shared memory limit once per process, so a launch after restore would otherwise fail with invalid argument.
+    pub func_attrs: BTreeMap<(u64, i32), i32>,
     /// Requests to execute before the ring, once the process re-attaches: a restored rank's NCCL group that the job
     /// barrier held it in (taken from the ring, not yet executed; see `crate::nccl::state`).
     pub replay: Vec<crate::protocol::Request>,
@@ -89,6 +93,7 @@ impl SessionState {
             registered: Vec::new(),
             nccl: HashMap::new(),
             reservations: BTreeMap::new(),
+            func_attrs: BTreeMap::new(),
             replay: Vec::new(),
         })
     }
