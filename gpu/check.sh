@@ -52,6 +52,7 @@ wait_line() { for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" 2>/dev/null && 
 
 say "devproxy GPU check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
 say "  host: kernel $(uname -r), $(nproc) cores; NCCL: $(ls /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/ 2>/dev/null | tr '\n' ' ')"
+say "  huge pages: anon $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null), shmem $(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null); /dev/shm: $(grep ' /dev/shm ' /proc/mounts | head -n1 | cut -d' ' -f4)"
 
 # Reference output for the state-moving checks: the CPU reference, bit-identical to a GPU run (the examples step
 # checks that natively).

@@ -70,10 +70,12 @@ fn fd_on_tmpfs(f: &File) -> bool {
     unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC }
 }
 
-/// Bytes to prepare for a session holding `device_bytes` of device memory: the blob also holds the pinned area's
-/// allocations and the file the header and manifest, hence the slack.
-pub fn planned_len(device_bytes: u64) -> u64 {
-    device_bytes + (256 << 20) + device_bytes / 64
+/// Bytes to prepare for a session holding `device_bytes` of device memory and `host_bytes` of pinned host memory and
+/// module images (the blob and the manifest), plus room for the header, the rest of the manifest and what the
+/// process may allocate before the barrier. The slack is kept small: trimming the unused tail of the file is part of the pause
+/// (0.1 s for 0.5 GiB on the H100 host), and a blob that does not fit falls back to the buffered path.
+pub fn planned_len(device_bytes: u64, host_bytes: u64) -> u64 {
+    device_bytes + host_bytes + (64 << 20) + device_bytes / 256
 }
 
 /// Helper threads for faulting in and registering: the cores, 2..=16.
@@ -136,7 +138,15 @@ impl PinnedMap {
                 off,
             )
         };
-        (ptr != libc::MAP_FAILED && len > 0).then(|| PinnedMap {
+        if ptr == libc::MAP_FAILED || len == 0 {
+            return None;
+        }
+        // Huge pages where the shared-memory filesystem allows them (a memory file with
+        // /sys/kernel/mm/transparent_hugepage/shmem_enabled = advise, a tmpfs mounted with huge=advise): 512 times
+        // fewer faults to prepare, and fewer pages to lock and to DMA into. Ignored elsewhere.
+        // SAFETY: our fresh mapping; MADV_HUGEPAGE changes how it is backed, never its contents.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Some(PinnedMap {
             ptr: ptr.cast(),
             len,
             registered: Vec::new(),
@@ -202,8 +212,10 @@ impl PinnedMap {
 
     /// Unregisters and unmaps on a thread of its own: measured on the H100 host, letting go of 16 GiB of page-locked
     /// pages takes about a second, which must not count in a pause once the bytes are where they belong. The mapping
-    /// is taken out of `self` (left empty); the pages stay as long as the file does.
-    fn release_in_background(&mut self, backend: &Arc<dyn Backend>) {
+    /// is taken out of `self` (left empty); the pages stay as long as the file does. Then `trim`, if given, cuts the
+    /// file to its length (its unused prepared tail: truncating pages that are still mapped and locked took 0.1 s of
+    /// the pause on the H100 host).
+    fn release_in_background(&mut self, backend: &Arc<dyn Backend>, trim: Option<(File, u64)>) {
         let taken = std::mem::replace(
             self,
             PinnedMap {
@@ -212,23 +224,35 @@ impl PinnedMap {
                 registered: Vec::new(),
             },
         );
+        let cut = |t: Option<(File, u64)>| {
+            if let Some((f, len)) = t {
+                if let Err(e) = f.set_len(len) {
+                    tracing::warn!(
+                        "trimming the image's unused tail: {e} (the image is valid as it is)"
+                    );
+                }
+            }
+        };
         if taken.ptr.is_null() {
+            cut(trim);
             return;
         }
-        let slot = Arc::new(parking_lot::Mutex::new(Some(taken)));
+        let slot = Arc::new(parking_lot::Mutex::new(Some((taken, trim))));
         let (b, theirs) = (backend.clone(), slot.clone());
         let spawned = std::thread::Builder::new()
             .name("devproxy-unpin".into())
             .spawn(move || {
-                if let Some(mut m) = theirs.lock().take() {
+                if let Some((mut m, t)) = theirs.lock().take() {
                     m.release(b.as_ref());
+                    cut(t);
                 }
             });
         // If no thread could be made, the mapping is still in the slot: release it here.
         if let Err(e) = spawned {
             tracing::warn!("releasing page-locked image memory on this thread ({e})");
-            if let Some(mut m) = slot.lock().take() {
+            if let Some((mut m, t)) = slot.lock().take() {
                 m.release(backend.as_ref());
+                cut(t);
             }
         }
     }
@@ -416,15 +440,18 @@ impl Prepared {
         // SAFETY: the header's range, inside the mapping; the CRC threads are done.
         unsafe { self.map.slice_mut(0, h.len()) }.copy_from_slice(&h);
         let file_len = header.file_len();
-        // The bytes are in the file's pages; what is left is bookkeeping the pause need not wait for.
-        self.map.release_in_background(&self.backend);
+        // The bytes are in the file's pages; what is left is bookkeeping the pause need not wait for: letting go of
+        // the pages, then trimming the prepared tail (a reader accepts an image file longer than its header says, so
+        // the image is complete at the rename below; if the server dies before the trim, the file keeps the tail).
+        let trim = self.file.try_clone().ok().map(|f| (f, file_len));
+        if trim.is_none() {
+            let _ = self.file.set_len(file_len);
+        }
+        self.map.release_in_background(&self.backend, trim);
         let io = |what: &'static str, p: &Path| {
             let path = p.display().to_string();
             move |source| CheckpointError::Io { path, what, source }
         };
-        self.file
-            .set_len(file_len)
-            .map_err(io("trimming the image", &self.tmp))?;
         self.file
             .sync_all()
             .map_err(io("syncing the image", &self.tmp))?;
@@ -574,7 +601,7 @@ impl BlobFd {
             &mut || {},
             progress,
         )?;
-        self.map.release_in_background(&self.backend);
+        self.map.release_in_background(&self.backend, None);
         Ok(crc)
     }
 
@@ -585,7 +612,7 @@ impl BlobFd {
 
     /// The memory file, the mapping let go of (a suspended session's memory waits in it).
     pub fn into_file(mut self) -> std::io::Result<File> {
-        self.map.release_in_background(&self.backend);
+        self.map.release_in_background(&self.backend, None);
         self.file.try_clone()
     }
 }
@@ -694,7 +721,7 @@ pub fn consume_mapped(
     base: u64,
     total: u64,
     regions: &[Region],
-    apply: &mut Apply<'_>,
+    apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
     backend: &dyn Backend,
 ) -> Result<Option<u32>, CheckpointError> {

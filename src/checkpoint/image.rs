@@ -453,10 +453,13 @@ struct Pool<'b> {
 }
 
 impl<'b> Pool<'b> {
-    fn new(total: u64, workers: usize, backend: Option<&'b dyn Backend>) -> Pool<'b> {
+    /// Up to `want` buffers (at most [`MAX_BUFFERS`], no more than the blob has chunks): kept ones first, the rest
+    /// made and page-locked on one thread each (faulting in fresh memory and pinning it are the slow part, and they
+    /// scale with threads).
+    fn new(total: u64, want: usize, backend: Option<&'b dyn Backend>) -> Pool<'b> {
         let cap = BUF.min(total.max(1) as usize);
-        let n = (workers + 2)
-            .clamp(4, MAX_BUFFERS)
+        let n = want
+            .clamp(1, MAX_BUFFERS)
             .min(total.div_ceil(cap as u64).max(1) as usize);
         let mut bufs = Vec::with_capacity(n);
         if cap == BUF && keep_buffers() {
@@ -466,20 +469,47 @@ impl<'b> Pool<'b> {
             bufs.extend(k.drain(at..));
         }
         let kept = bufs.len();
-        while bufs.len() < n {
-            bufs.push(buffer(cap));
-        }
+        let made: Vec<(Vec<u8>, bool)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (kept..n)
+                .map(|_| s.spawn(move || register(buffer(cap), backend)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("buffer thread"))
+                .collect()
+        });
+        // Kept buffers: registered here too (a refusal means another backend of this process holds them locked).
+        let again: Vec<bool> = std::thread::scope(|s| {
+            let hs: Vec<_> = bufs
+                .iter_mut()
+                .map(|v| {
+                    let span = HostSpan {
+                        ptr: v.as_mut_ptr(),
+                        len: v.len(),
+                    };
+                    s.spawn(move || backend.is_some_and(|b| b.host_register(span).is_ok()))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("register thread"))
+                .collect()
+        });
         let mut registered = Vec::new();
-        if let Some(b) = backend {
-            for v in bufs.iter_mut() {
-                let span = HostSpan {
+        for (v, ok) in bufs.iter_mut().zip(again) {
+            if ok {
+                registered.push(HostSpan {
                     ptr: v.as_mut_ptr(),
                     len: v.len(),
-                };
-                if b.host_register(span).is_ok() {
-                    registered.push(span);
-                }
+                });
             }
+        }
+        for (mut v, ok) in made {
+            if ok {
+                registered.push(HostSpan {
+                    ptr: v.as_mut_ptr(),
+                    len: v.len(),
+                });
+            }
+            bufs.push(v);
         }
         Pool {
             bufs,
@@ -489,6 +519,37 @@ impl<'b> Pool<'b> {
             backend,
         }
     }
+}
+
+/// Page-locks `v` with `backend`, if any; says whether it did.
+fn register(mut v: Vec<u8>, backend: Option<&dyn Backend>) -> (Vec<u8>, bool) {
+    let span = HostSpan {
+        ptr: v.as_mut_ptr(),
+        len: v.len(),
+    };
+    let ok = backend.is_some_and(|b| b.host_register(span).is_ok());
+    (v, ok)
+}
+
+/// Makes `n` pipeline buffers ahead of an operation and keeps them ([`KEPT`]), on one thread each: `devproxy restore`
+/// runs this while the driver starts, so the restore finds its buffers' memory already faulted in.
+pub fn warm_buffers(n: usize) {
+    if !keep_buffers() {
+        return;
+    }
+    let n = n.min(MAX_BUFFERS.saturating_sub(KEPT.lock().len()));
+    let made: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n).map(|_| s.spawn(|| buffer(BUF))).collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("buffer thread"))
+            .collect()
+    });
+    KEPT.lock().extend(made);
+}
+
+/// How many buffers a restore of `total` blob bytes uses (see [`consume_blob`]).
+pub fn restore_buffers(total: u64) -> usize {
+    workers().min(total.div_ceil(BUF as u64) as usize)
 }
 
 impl Drop for Pool<'_> {
@@ -581,7 +642,7 @@ fn chunk_crc(bytes: &[u8], workers: usize) -> crc32fast::Hasher {
 /// Fills `dst` with the bytes of region `index` starting `offset` bytes into it.
 pub type Fill<'a> = dyn FnMut(usize, &Region, u64, &mut [u8]) -> Result<(), CheckpointError> + 'a;
 /// Takes `src`, the bytes of region `index` starting `offset` bytes into it.
-pub type Apply<'a> = dyn FnMut(usize, &Region, u64, &[u8]) -> Result<(), CheckpointError> + 'a;
+pub type Apply<'a> = dyn Fn(usize, &Region, u64, &[u8]) -> Result<(), CheckpointError> + Sync + 'a;
 
 /// Writes one chunk at its blob offset.
 type Out<'a> = dyn Fn(u64, &[u8]) -> io::Result<()> + Sync + 'a;
@@ -604,7 +665,7 @@ pub fn produce_blob(
     match at {
         Some(at) => {
             let n = workers();
-            let mut pool = Pool::new(total, n, pin);
+            let mut pool = Pool::new(total, (n + 2).clamp(4, MAX_BUFFERS), pin);
             // SAFETY: the pipeline hands each chunk (a distinct blob range) to exactly one writer.
             let out = |off: u64, b: &[u8]| unsafe { at.put_at(off, b) };
             let crc = produce_with(regions, fill, &out, n, &mut pool, progress)?;
@@ -614,7 +675,7 @@ pub fn produce_blob(
             Ok(crc)
         }
         None => {
-            let mut pool = Pool::new(total, 1, pin);
+            let mut pool = Pool::new(total, 4, pin);
             let sink = parking_lot::Mutex::new(sink);
             let out = |_: u64, b: &[u8]| {
                 let mut s = sink.lock();
@@ -724,7 +785,7 @@ fn produce_with(
 pub fn consume_blob(
     regions: &[Region],
     source: &mut dyn BlobSource,
-    apply: &mut Apply<'_>,
+    apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
     pin: Option<&dyn Backend>,
 ) -> Result<u32, CheckpointError> {
@@ -744,29 +805,35 @@ pub fn consume_blob(
             let mut pool = Pool::new(total, n, pin);
             super::phases::mark("buffers");
             let input = |off: u64, b: &mut [u8]| at.get_at(off, b);
-            let r = consume_with(regions, &input, n, &mut pool, apply, progress);
+            let r = consume_with(regions, &input, n, false, &mut pool, apply, progress);
             super::phases::mark("copy");
             r
         }
         None => {
-            let mut pool = Pool::new(total, 1, pin);
+            // Two workers: one reads the stream while the other writes what it read.
+            let mut pool = Pool::new(total, 2, pin);
             super::phases::mark("buffers");
             let source = parking_lot::Mutex::new(source);
-            // One reader, chunks claimed in order: the stream is read sequentially.
             let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
-            let r = consume_with(regions, &input, 1, &mut pool, apply, progress);
+            let r = consume_with(regions, &input, 2, true, &mut pool, apply, progress);
             super::phases::mark("copy");
             r
         }
     }
 }
 
+/// The workers of [`consume_blob`]: each takes a pool buffer, claims the next chunk, reads it, computes its CRC and
+/// hands its pieces to `apply` itself, so reads, CRCs and device writes of different chunks overlap on every worker
+/// (the cuda backend runs concurrent writes from page-locked buffers on several streams). With `ordered` (a stream
+/// source) a chunk is claimed and read under one lock, so chunks are read in stream order; their writes still
+/// overlap the next read. Progress is reported from this thread.
 fn consume_with(
     regions: &[Region],
     input: &In<'_>,
     workers: usize,
+    ordered: bool,
     pool: &mut Pool<'_>,
-    apply: &mut Apply<'_>,
+    apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
@@ -778,98 +845,107 @@ fn consume_with(
         starts.push(at);
         at += r.bytes;
     }
-    let nbuf = pool.bufs.len();
-    let (full_tx, full_rx) = crossbeam::channel::bounded::<(u64, &mut [u8], usize)>(nbuf);
-    let (free_tx, free_rx) = crossbeam::channel::bounded::<&mut [u8]>(nbuf);
-    for b in pool.bufs.iter_mut() {
-        free_tx.send(b.as_mut_slice()).expect("fresh channel");
-    }
+    let starts = &starts;
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
+    let claim_lock = parking_lot::Mutex::new(());
+    // Time the workers spent reading (and checksumming) and applying, summed over workers.
+    let (read_ns, apply_ns) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (done_tx, done_rx) = crossbeam::channel::unbounded::<u64>();
+    type WorkerOut = (
+        Vec<(u64, crc32fast::Hasher)>,
+        Option<io::Error>,
+        Option<CheckpointError>,
+    );
     std::thread::scope(|scope| {
-        let readers: Vec<_> = (0..workers.min(chunks.max(1) as usize))
-            .map(|_| {
-                let (full_tx, free_rx, next, stop) =
-                    (full_tx.clone(), free_rx.clone(), &next, &stop);
-                scope.spawn(move || -> io::Result<Vec<(u64, crc32fast::Hasher)>> {
+        let n = workers
+            .min(chunks.max(1) as usize)
+            .min(pool.bufs.len())
+            .max(1);
+        let handles: Vec<_> = pool
+            .bufs
+            .iter_mut()
+            .take(n)
+            .map(|buf| {
+                let (done_tx, next, stop, claim_lock) =
+                    (done_tx.clone(), &next, &stop, &claim_lock);
+                let (read_ns, apply_ns) = (&read_ns, &apply_ns);
+                scope.spawn(move || -> WorkerOut {
                     let mut crcs = Vec::new();
+                    let buf = buf.as_mut_slice();
                     while !stop.load(Ordering::Relaxed) {
-                        let Ok(buf) = free_rx.recv() else { break };
+                        let t = std::time::Instant::now();
+                        let guard = ordered.then(|| claim_lock.lock());
                         let k = next.fetch_add(1, Ordering::Relaxed);
                         if k >= chunks {
                             break;
                         }
                         let off = k * cap as u64;
-                        let n = ((total - off) as usize).min(cap);
-                        if let Err(e) = input(off, &mut buf[..n]) {
+                        let len = ((total - off) as usize).min(cap);
+                        if let Err(e) = input(off, &mut buf[..len]) {
                             stop.store(true, Ordering::Relaxed);
-                            return Err(e);
+                            return (crcs, Some(e), None);
                         }
-                        crcs.push((k, chunk_crc(&buf[..n], workers)));
-                        if full_tx.send((k, buf, n)).is_err() {
-                            break;
+                        drop(guard);
+                        crcs.push((k, chunk_crc(&buf[..len], workers)));
+                        let t2 = std::time::Instant::now();
+                        read_ns.fetch_add((t2 - t).as_nanos() as u64, Ordering::Relaxed);
+                        // The last region starting at or before `off` (empty regions before it are skipped).
+                        let mut region = starts.partition_point(|&s| s <= off).saturating_sub(1);
+                        let mut at = 0usize;
+                        while at < len && region < regions.len() {
+                            let r = &regions[region];
+                            let roff = off + at as u64 - starts[region];
+                            let n = (r.bytes.saturating_sub(roff) as usize).min(len - at);
+                            if n > 0 {
+                                if let Err(e) = apply(region, r, roff, &buf[at..at + n]) {
+                                    stop.store(true, Ordering::Relaxed);
+                                    return (crcs, None, Some(e));
+                                }
+                                at += n;
+                            }
+                            region += 1;
                         }
+                        apply_ns.fetch_add(t2.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        let _ = done_tx.send(len as u64);
                     }
-                    Ok(crcs)
+                    (crcs, None, None)
                 })
             })
             .collect();
-        drop((full_tx, free_rx));
-        let consumed = (|| -> Result<(), CheckpointError> {
-            let mut done = 0u64;
-            let mut reported = 0u64;
-            // Where the consumer's time goes: waiting for readers, or writing to the device.
-            let (mut waited, mut applied) = (0f64, 0f64);
-            let mut t = std::time::Instant::now();
-            for (k, buf, len) in full_rx.iter() {
-                waited += t.elapsed().as_secs_f64();
-                t = std::time::Instant::now();
-                let off = k * cap as u64;
-                // The last region starting at or before `off` (empty regions before it are skipped).
-                let mut region = starts.partition_point(|&s| s <= off).saturating_sub(1);
-                let mut at = 0usize;
-                while at < len && region < regions.len() {
-                    let r = &regions[region];
-                    let roff = off + at as u64 - starts[region];
-                    let n = (r.bytes.saturating_sub(roff) as usize).min(len - at);
-                    if n > 0 {
-                        apply(region, r, roff, &buf[at..at + n])?;
-                        at += n;
-                    }
-                    region += 1;
-                }
-                done += len as u64;
-                let _ = free_tx.send(buf);
-                applied += t.elapsed().as_secs_f64();
-                if done - reported >= PROGRESS_STEP {
-                    progress(done, total);
-                    reported = done;
-                }
-                t = std::time::Instant::now();
+        drop(done_tx);
+        let mut done = 0u64;
+        let mut reported = 0u64;
+        for len in done_rx.iter() {
+            done += len;
+            if done - reported >= PROGRESS_STEP {
+                progress(done, total);
+                reported = done;
             }
-            progress(done, total);
-            super::phases::add("(of which waiting for reads)", waited);
-            super::phases::add("(of which device writes)", applied);
-            Ok(())
-        })();
-        // Unblock the readers if we stopped early.
-        stop.store(true, Ordering::Relaxed);
-        drop(free_tx);
-        drop(full_rx);
+        }
+        progress(done, total);
+        let secs = |ns: &AtomicU64| ns.load(Ordering::Relaxed) as f64 / 1e9 / n as f64;
+        super::phases::add("(per worker: reading)", secs(&read_ns));
+        super::phases::add("(per worker: device writes)", secs(&apply_ns));
         let mut crcs = Vec::new();
-        let mut failed = None;
-        for r in readers {
-            match r.join() {
-                Ok(Ok(c)) => crcs.extend(c),
-                Ok(Err(e)) => failed = failed.or(Some(e)),
+        let (mut read_failed, mut apply_failed) = (None, None);
+        for h in handles {
+            match h.join() {
+                Ok((c, r, a)) => {
+                    crcs.extend(c);
+                    read_failed = read_failed.or(r);
+                    apply_failed = apply_failed.or(a);
+                }
                 Err(_) => return Err(CheckpointError::Pipeline("a reader thread panicked".into())),
             }
         }
-        consumed?;
+        if let Some(e) = apply_failed {
+            return Err(e);
+        }
         let read_err = |e: &dyn std::fmt::Display| {
             CheckpointError::Pipeline(format!("reading the blob: {e} (is the image truncated?)"))
         };
-        if let Some(e) = failed {
+        if let Some(e) = read_failed {
             return Err(read_err(&e));
         }
         blob_crc(crcs, chunks).ok_or_else(|| read_err(&"a chunk is missing"))
@@ -1064,7 +1140,7 @@ impl LoadedImage {
         let computed = consume_blob(
             &self.manifest.regions,
             &mut r,
-            &mut |_, _, _, _| Ok(()),
+            &|_, _, _, _| Ok(()),
             &mut |_, _| {},
             None,
         )?;
@@ -1173,20 +1249,20 @@ mod tests {
             starts.push(at);
             at += r.bytes;
         }
-        let mut out = vec![0u8; total as usize];
+        let out = parking_lot::Mutex::new(vec![0u8; total as usize]);
         let crc = consume_blob(
             regions,
             src,
-            &mut |i, r, off, b| {
+            &|i, r, off, b| {
                 assert!(off + b.len() as u64 <= r.bytes);
                 let s = (starts[i] + off) as usize;
-                out[s..s + b.len()].copy_from_slice(b);
+                out.lock()[s..s + b.len()].copy_from_slice(b);
                 Ok(())
             },
             &mut |_, _| {},
             None,
         )?;
-        Ok((out, crc))
+        Ok((out.into_inner(), crc))
     }
 
     /// A source only readable in order.
@@ -1273,18 +1349,19 @@ mod tests {
         let total: u64 = regions.iter().map(|r| r.bytes).sum();
         let blob = pattern(total as usize);
         let mut src: &[u8] = &blob;
-        let mut calls = 0;
+        let calls = AtomicU64::new(0);
         let r = consume_blob(
             &regions,
             &mut src,
-            &mut |_, _, _, _| {
-                calls += 1;
+            &|_, _, _, _| {
+                calls.fetch_add(1, Ordering::SeqCst);
                 Err(CheckpointError::Backend("no".into()))
             },
             &mut |_, _| {},
             None,
         );
         assert!(matches!(r, Err(CheckpointError::Backend(_))));
-        assert_eq!(calls, 1);
+        // Each worker stops at its first failure.
+        assert!((1..=workers() as u64).contains(&calls.load(Ordering::SeqCst)));
     }
 }

@@ -609,6 +609,14 @@ fn rebuild(
             s.func_attrs.insert((func, attr), value);
         }
     }
+    s.module_bytes = s
+        .objects
+        .values()
+        .map(|o| match o {
+            Object::Module { image, .. } => image.len() as u64,
+            _ => 0,
+        })
+        .sum();
     s.set_next_handle(st.next_handle);
     s.globals = st
         .client_globals

@@ -397,7 +397,10 @@ fn checkpoint(
     let t0 = Instant::now();
     super::phases::start();
     // The image file's pages are made ready while the process still runs (see `checkpoint::direct`).
-    let planned = super::direct::planned_len(sh.device_bytes.load(Ordering::Relaxed));
+    let planned = super::direct::planned_len(
+        sh.device_bytes.load(Ordering::Relaxed),
+        sh.host_bytes.load(Ordering::Relaxed),
+    );
     let prepared = match super::direct::Prepared::new(out, planned, &server.backend) {
         Ok(p) => p,
         Err(e) => {
@@ -520,12 +523,15 @@ pub fn restore_state(
         }
         super::phases::mark("objects");
         ready()?;
+        // Several reader threads apply chunks at once (see `image::consume_blob`).
+        let pinned_data = parking_lot::Mutex::new(pinned_data);
         let crc = consume_blob(
             &manifest.regions,
             source,
-            &mut |i, r, off, src| match r.kind {
+            &|i, r, off, src| match r.kind {
                 RegionKind::Pinned => {
-                    let dst = &mut pinned_data[targets[i] as usize].1;
+                    let mut pd = pinned_data.lock();
+                    let dst = &mut pd[targets[i] as usize].1;
                     dst[off as usize..off as usize + src.len()].copy_from_slice(src);
                     Ok(())
                 }
@@ -558,7 +564,7 @@ pub fn restore_state(
                 computed: crc,
             });
         }
-        Ok((pinned_data, manifest.blob_len()))
+        Ok((pinned_data.into_inner(), manifest.blob_len()))
     })();
     match r {
         Ok((pinned_data, bytes)) => Ok(Rebuilt {
@@ -630,8 +636,15 @@ pub fn restore_cmd(
 ) -> Result<(), String> {
     super::phases::start();
     let img = LoadedImage::open(dir).map_err(|e| e.to_string())?;
-    let backend = crate::cli::make_backend(kind, device, None)?;
-    super::phases::mark("driver");
+    // The copy buffers' memory is faulted in while the driver starts (both take a few hundred ms on a GPU host).
+    let warm = {
+        let n = image::restore_buffers(img.manifest.blob_len());
+        std::thread::spawn(move || image::warm_buffers(n))
+    };
+    let backend = crate::cli::make_backend(kind, device, None);
+    let _ = warm.join();
+    let backend = backend?;
+    super::phases::mark("driver start, buffers made meanwhile");
     img.manifest
         .device
         .check_compatible(backend.info())
@@ -869,7 +882,10 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
     super::phases::start();
     // The memory file that carries the blob is made ready while the process still runs (see `direct::BlobFd`).
     let blob_fd = BlobFd::new(
-        direct::planned_len(sh.device_bytes.load(Ordering::Relaxed)),
+        direct::planned_len(
+            sh.device_bytes.load(Ordering::Relaxed),
+            sh.host_bytes.load(Ordering::Relaxed),
+        ),
         &server.backend,
     );
     super::phases::mark("prepare");
@@ -1031,7 +1047,10 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
     let t0 = Instant::now();
     // The memory file is made ready while the process still runs.
     let blob_fd = BlobFd::new(
-        direct::planned_len(sh.device_bytes.load(Ordering::Relaxed)),
+        direct::planned_len(
+            sh.device_bytes.load(Ordering::Relaxed),
+            sh.host_bytes.load(Ordering::Relaxed),
+        ),
         &server.backend,
     );
     let prepare_secs = t0.elapsed().as_secs_f64();

@@ -443,7 +443,7 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         eprintln!("no /dev/shm here: the prepared path cannot be exercised");
         return;
     };
-    let planned = planned_len(st.device_bytes());
+    let planned = planned_len(st.device_bytes(), st.host_bytes());
     let prep = Prepared::new(fast.path(), planned, &b)
         .unwrap()
         .expect("/dev/shm is tmpfs: preparation applies");
@@ -466,7 +466,21 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     .unwrap();
     assert_eq!(resumed, 1, "resume runs once the blob is in host memory");
     let a = std::fs::read(plain.path().join(super::format::IMAGE_FILE)).unwrap();
-    let p = std::fs::read(&w.path).unwrap();
+    // The prepared tail is trimmed in the background after the rename; the image is complete before that.
+    let mut p = std::fs::read(&w.path).unwrap();
+    assert!(p.len() as u64 >= w.file_bytes);
+    for _ in 0..500 {
+        if std::fs::metadata(&w.path).unwrap().len() == w.file_bytes {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        std::fs::metadata(&w.path).unwrap().len(),
+        w.file_bytes,
+        "the unused tail is trimmed"
+    );
+    p.truncate(w.file_bytes as usize);
     assert_eq!(a.len() as u64, w.file_bytes);
     // Everything but the header's creation time is the same.
     let (ha, hp) = (

@@ -193,6 +193,7 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
                 HostSrc::Pinned { .. } => return Err(CuError::INVALID_VALUE),
             };
             let id = b.module_load(s.ctx, &bytes)?;
+            s.module_bytes += bytes.len() as u64;
             Reply::Handle(s.insert(Object::Module {
                 id,
                 image: std::sync::Arc::new(bytes),
@@ -203,7 +204,9 @@ fn run(s: &mut SessionState, seg: &Segment, req: Request) -> Result<Reply, CuErr
             b.module_unload(id)?;
             s.objects
                 .retain(|_, o| !matches!(o, Object::Function { module: m, .. } if *m == module));
-            s.objects.remove(&module);
+            if let Some(Object::Module { image, .. }) = s.objects.remove(&module) {
+                s.module_bytes = s.module_bytes.saturating_sub(image.len() as u64);
+            }
             Reply::Unit
         }
         Request::ModuleGetFunction { module, name } => {

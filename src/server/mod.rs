@@ -55,6 +55,8 @@ pub struct SessionShared {
     pub seg: Arc<Segment>,
     pub calls: AtomicU64,
     pub device_bytes: AtomicU64,
+    /// What an image of the session holds besides device memory ([`SessionState::host_bytes`]).
+    pub host_bytes: AtomicU64,
     pub closed: AtomicBool,
     /// The client's socket, for notices.
     pub sock: Mutex<Option<UnixStream>>,
@@ -403,6 +405,7 @@ impl Server {
             seg,
             calls: AtomicU64::new(calls),
             device_bytes: AtomicU64::new(state.device_bytes()),
+            host_bytes: AtomicU64::new(state.host_bytes()),
             closed: AtomicBool::new(false),
             sock: Mutex::new(Some(conn)),
             jobs: Mutex::new(Vec::new()),
@@ -520,6 +523,7 @@ impl Server {
             }
             sh.seg.set_last_executed(meta.seq);
             sh.device_bytes.store(st.device_bytes(), Ordering::Relaxed);
+            sh.host_bytes.store(st.host_bytes(), Ordering::Relaxed);
         }
         sh.closed.store(true, Ordering::Release);
         st.teardown();

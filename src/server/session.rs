@@ -70,6 +70,8 @@ pub struct SessionState {
     /// attribute) -> value. A restore sets them again on the reloaded functions: PyTorch raises a kernel's dynamic
     /// shared memory limit once per process, so a launch after restore would otherwise fail with invalid argument.
     pub func_attrs: BTreeMap<(u64, i32), i32>,
+    /// Bytes of the loaded module images (they go into an image's manifest).
+    pub module_bytes: u64,
     /// Requests to execute before the ring, once the process re-attaches: a restored rank's NCCL group that the job
     /// barrier held it in (taken from the ring, not yet executed; see `crate::nccl::state`).
     pub replay: Vec<crate::protocol::Request>,
@@ -94,6 +96,7 @@ impl SessionState {
             nccl: HashMap::new(),
             reservations: BTreeMap::new(),
             func_attrs: BTreeMap::new(),
+            module_bytes: 0,
             replay: Vec::new(),
         })
     }
@@ -193,6 +196,11 @@ impl SessionState {
     /// Device memory held by the session.
     pub fn device_bytes(&self) -> u64 {
         self.allocations.values().map(|a| a.bytes).sum()
+    }
+
+    /// What an image holds besides device memory: pinned host memory and module images.
+    pub fn host_bytes(&self) -> u64 {
+        self.pinned.values().sum::<u64>() + self.module_bytes
     }
 
     /// Releases everything the session holds on the backend. Errors are logged, not returned: teardown must finish.

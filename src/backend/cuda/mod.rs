@@ -286,7 +286,10 @@ pub struct CudaBackend {
     /// Spans page-locked by `host_register`: start -> end.
     registered: RwLock<BTreeMap<usize, usize>>,
     ring: Mutex<Option<BounceRing>>,
-    bulk: Mutex<Option<BulkPool>>,
+    /// Created at first use. Copies between device memory and page-locked host memory run without the lock, from
+    /// several threads at once (restore readers each write their own chunks); bounced copies hold it, as the lanes'
+    /// bounce buffers are shared.
+    bulk: Mutex<Option<Arc<BulkPool>>>,
 }
 
 /// Whether a CUDA driver and GPU are usable here; Err says why not.
@@ -1277,11 +1280,13 @@ impl Backend for CudaBackend {
         let pinned = self.is_registered(dst.as_ptr(), dst.len());
         let mut bulk = self.bulk.lock();
         if bulk.is_none() {
-            *bulk = Some(BulkPool::new()?);
+            *bulk = Some(Arc::new(BulkPool::new()?));
         }
-        bulk.as_ref()
-            .expect("bulk")
-            .read(src, dst, pinned, (self.ctx, self.generation))
+        let pool = bulk.as_ref().expect("bulk").clone();
+        if pinned {
+            drop(bulk);
+        }
+        pool.read(src, dst, pinned, (self.ctx, self.generation))
     }
 
     fn write_device(&self, dst: u64, src: &[u8]) -> BResult<()> {
@@ -1289,11 +1294,13 @@ impl Backend for CudaBackend {
         let pinned = self.is_registered(src.as_ptr(), src.len());
         let mut bulk = self.bulk.lock();
         if bulk.is_none() {
-            *bulk = Some(BulkPool::new()?);
+            *bulk = Some(Arc::new(BulkPool::new()?));
         }
-        bulk.as_ref()
-            .expect("bulk")
-            .write(dst, src, pinned, (self.ctx, self.generation))
+        let pool = bulk.as_ref().expect("bulk").clone();
+        if pinned {
+            drop(bulk);
+        }
+        pool.write(dst, src, pinned, (self.ctx, self.generation))
     }
 
     fn bind_thread(&self) -> BResult<()> {

@@ -233,6 +233,8 @@ impl Drop for BounceRing {
 /// The bulk pipeline's buffers and streams (created at first use, kept for the backend's life).
 pub struct BulkPool {
     lanes: Vec<Lane>,
+    /// The lane the next direct copy starts on, so concurrent callers spread over the streams.
+    next_lane: std::sync::atomic::AtomicUsize,
 }
 
 struct Lane {
@@ -267,7 +269,10 @@ impl BulkPool {
             }
             lanes.push(lane);
         }
-        Ok(BulkPool { lanes })
+        Ok(BulkPool {
+            lanes,
+            next_lane: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     /// Reads `[src, src + dst.len())` into `dst`. `dst_pinned`: dst is page-locked (copies go straight to it).
@@ -346,12 +351,19 @@ impl BulkPool {
         })
     }
 
-    /// Copies between device memory and page-locked host memory on all lanes' streams.
+    /// Copies between device memory and page-locked host memory, in [`BULK_BUF`] x 4 pieces spread over the lanes'
+    /// streams starting at the next lane in turn, then waits for the streams it used. Safe from several threads at
+    /// once: each waits for its own streams (and whatever else was queued on them).
     fn direct(&self, dev: u64, host: *mut u8, len: usize, to_host: bool) -> BResult<()> {
+        const PIECE: usize = BULK_BUF * 4;
+        let pieces = len.div_ceil(PIECE);
+        let first = self
+            .next_lane
+            .fetch_add(pieces.max(1), std::sync::atomic::Ordering::Relaxed);
         let mut first_err = Ok(());
-        for (i, off) in (0..len).step_by(BULK_BUF * 4).enumerate() {
-            let n = (len - off).min(BULK_BUF * 4);
-            let s = self.lanes[i % LANES].stream.0;
+        for (i, off) in (0..len).step_by(PIECE).enumerate() {
+            let n = (len - off).min(PIECE);
+            let s = self.lanes[(first + i) % LANES].stream.0;
             // SAFETY: host[off..off + n] is page-locked memory of the caller, alive until the synchronize below.
             let r = unsafe {
                 let h = host.add(off) as *mut c_void;
@@ -366,9 +378,10 @@ impl BulkPool {
                 break;
             }
         }
-        for lane in &self.lanes {
+        for k in 0..pieces.min(LANES) {
             // SAFETY: live stream.
-            let r = ck(unsafe { sys::cuStreamSynchronize(lane.stream.0) });
+            let r =
+                ck(unsafe { sys::cuStreamSynchronize(self.lanes[(first + k) % LANES].stream.0) });
             if first_err.is_ok() {
                 first_err = r;
             }
