@@ -148,7 +148,12 @@ fn main() {
         // The same with the image file prepared before the barrier (tmpfs directories only, see
         // checkpoint::direct): the pause is then the copy into the file's pages.
         let t = Instant::now();
-        let prep = Prepared::new(&dir, planned_len(st.device_bytes()), &backend).expect("prepare");
+        let prep = Prepared::new(
+            &dir,
+            planned_len(st.device_bytes(), st.host_bytes()),
+            &backend,
+        )
+        .expect("prepare");
         let prepare = t.elapsed().as_secs_f64();
         let prepared = prep.is_some();
         let t = Instant::now();
