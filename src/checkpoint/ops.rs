@@ -826,7 +826,12 @@ fn stream_to(
             .map_err(|e| e.to_string())?;
         use std::os::fd::AsFd;
         socket::send_msg(conn, &crc.to_le_bytes(), &[fd.file().as_fd()]).map_err(io)?;
-        return match recv_reply(conn)? {
+        let answer = recv_reply(conn);
+        // The target has read the blob (or given up): now the pages may be unlocked.
+        if let Some(fd) = blob_fd.take() {
+            fd.let_go();
+        }
+        return match answer? {
             ControlReply::Done(s) => Ok(s),
             ControlReply::Err(e) => Err(format!("the target failed: {e}")),
             other => Err(format!("unexpected answer from the target: {other:?}")),
