@@ -23,7 +23,15 @@ export LD_LIBRARY_PATH="$NVRTC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export DEVPROXY_RUNTIME_DIR=/tmp/devproxy-gpu-rt
 export DEVPROXY_SHIM="$B/libdevproxy_interpose.so"
 rm -rf "$DEVPROXY_RUNTIME_DIR"; mkdir -p "$DEVPROXY_RUNTIME_DIR"
-W=/dev/shm/devproxy-gpu; rm -rf "$W"; mkdir -p "$W"
+# Images and scratch files live on tmpfs. HUGE_TMPFS=1 mounts a tmpfs with huge pages (huge=always; needs root) and
+# uses it instead of /dev/shm: 2 MiB pages make preparing, page-locking and reading an image far cheaper.
+W=/dev/shm/devproxy-gpu
+if [ "${HUGE_TMPFS:-0}" = 1 ]; then
+  mkdir -p /mnt/devproxy-huge
+  mountpoint -q /mnt/devproxy-huge || mount -t tmpfs -o size=60g,huge=always tmpfs /mnt/devproxy-huge 2>>"$LOG"
+  if mountpoint -q /mnt/devproxy-huge; then W=/mnt/devproxy-huge/w; fi
+fi
+rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
@@ -52,6 +60,7 @@ wait_line() { for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" 2>/dev/null && 
 
 say "devproxy GPU check $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
 say "  host: kernel $(uname -r), $(nproc) cores; NCCL: $(ls /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/ 2>/dev/null | tr '\n' ' ')"
+say "  images in $W ($(df -h --output=source,size "$W" 2>/dev/null | tail -n1 | tr -s ' '), $(grep " $(df --output=target "$W" | tail -n1) " /proc/mounts | head -n1 | cut -d' ' -f4))"
 say "  huge pages: anon $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null), shmem $(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null); /dev/shm: $(grep ' /dev/shm ' /proc/mounts | head -n1 | cut -d' ' -f4)"
 
 # Reference output for the state-moving checks: the CPU reference, bit-identical to a GPU run (the examples step
@@ -179,7 +188,9 @@ if want throughput; then
     [ "$gib" = 1 ] && c1=$(timeout 240 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-t" 2>>"$LOG")
     c2=$(timeout 240 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-t" --stop 2>>"$LOG")
     pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S"; sleep 0.3
-    ( "$B/devproxy" restore "$W/img-t" --socket "$S" --backend "$BACKEND" >"$W/restore.log" 2>&1 & )
+    # RESTORE_DIRECT=1: the restore DMAs from the image's own page-locked pages instead of through buffers.
+    ( [ "${RESTORE_DIRECT:-0}" = 1 ] && export DEVPROXY_IMAGE_DIRECT_RESTORE=1
+      "$B/devproxy" restore "$W/img-t" --socket "$S" --backend "$BACKEND" >"$W/restore.log" 2>&1 & )
     wait_line "$W/restore.log" "GB/s" 240
     # Then live-migrate the restored process to a second server (retried until it has re-attached).
     S2="$DEVPROXY_RUNTIME_DIR/t2.sock"
