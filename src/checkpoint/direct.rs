@@ -212,10 +212,8 @@ impl PinnedMap {
 
     /// Unregisters and unmaps on a thread of its own: measured on the H100 host, letting go of 16 GiB of page-locked
     /// pages takes about a second, which must not count in a pause once the bytes are where they belong. The mapping
-    /// is taken out of `self` (left empty); the pages stay as long as the file does. Then `trim`, if given, cuts the
-    /// file to its length (its unused prepared tail: truncating pages that are still mapped and locked took 0.1 s of
-    /// the pause on the H100 host).
-    fn release_in_background(&mut self, backend: &Arc<dyn Backend>, trim: Option<(File, u64)>) {
+    /// is taken out of `self` (left empty); the pages stay as long as the file does.
+    fn release_in_background(&mut self, backend: &Arc<dyn Backend>) {
         let taken = std::mem::replace(
             self,
             PinnedMap {
@@ -224,35 +222,23 @@ impl PinnedMap {
                 registered: Vec::new(),
             },
         );
-        let cut = |t: Option<(File, u64)>| {
-            if let Some((f, len)) = t {
-                if let Err(e) = f.set_len(len) {
-                    tracing::warn!(
-                        "trimming the image's unused tail: {e} (the image is valid as it is)"
-                    );
-                }
-            }
-        };
         if taken.ptr.is_null() {
-            cut(trim);
             return;
         }
-        let slot = Arc::new(parking_lot::Mutex::new(Some((taken, trim))));
+        let slot = Arc::new(parking_lot::Mutex::new(Some(taken)));
         let (b, theirs) = (backend.clone(), slot.clone());
         let spawned = std::thread::Builder::new()
             .name("devproxy-unpin".into())
             .spawn(move || {
-                if let Some((mut m, t)) = theirs.lock().take() {
+                if let Some(mut m) = theirs.lock().take() {
                     m.release(b.as_ref());
-                    cut(t);
                 }
             });
         // If no thread could be made, the mapping is still in the slot: release it here.
         if let Err(e) = spawned {
             tracing::warn!("releasing page-locked image memory on this thread ({e})");
-            if let Some((mut m, t)) = slot.lock().take() {
+            if let Some(mut m) = slot.lock().take() {
                 m.release(backend.as_ref());
-                cut(t);
             }
         }
     }
@@ -444,6 +430,11 @@ impl Prepared {
             let path = p.display().to_string();
             move |source| CheckpointError::Io { path, what, source }
         };
+        // The file is cut to the image's length before it is renamed into place, so an image is always exactly as
+        // long as its header says (a copy cut short is then always detected). The prepared tail is small.
+        self.file
+            .set_len(file_len)
+            .map_err(io("trimming the image", &self.tmp))?;
         self.file
             .sync_all()
             .map_err(io("syncing the image", &self.tmp))?;
@@ -454,15 +445,10 @@ impl Prepared {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        // The image is complete (a reader accepts a file longer than its header says). What is left need not be
-        // waited for: letting go of the pages, then trimming the prepared tail, on a thread of its own, started only
-        // now because unmapping many GiB holds the process's memory map lock and would stall the steps above (0.1 s
-        // for 1 GiB on the H100 host). If the server dies before the trim, the file keeps the tail.
-        let trim = self.file.try_clone().ok().map(|f| (f, file_len));
-        if trim.is_none() {
-            let _ = self.file.set_len(file_len);
-        }
-        self.map.release_in_background(&self.backend, trim);
+        // What is left need not be waited for: letting go of the pages, on a thread of its own, started only now
+        // because unmapping many GiB holds the process's memory map lock and would stall the steps above (0.1 s for
+        // 1 GiB on the H100 host).
+        self.map.release_in_background(&self.backend);
         super::phases::mark("finish");
         Ok(Written {
             path: final_path,
@@ -609,7 +595,7 @@ impl BlobFd {
 
     /// Lets go of the mapping on a thread of its own (the file, and its pages, go when the last descriptor does).
     pub fn let_go(mut self) {
-        self.map.release_in_background(&self.backend, None);
+        self.map.release_in_background(&self.backend);
     }
 
     /// The memory file, to pass to the target.
@@ -619,7 +605,7 @@ impl BlobFd {
 
     /// The memory file, the mapping let go of (a suspended session's memory waits in it).
     pub fn into_file(mut self) -> std::io::Result<File> {
-        self.map.release_in_background(&self.backend, None);
+        self.map.release_in_background(&self.backend);
         self.file.try_clone()
     }
 }
@@ -702,10 +688,11 @@ const REFUSED: u8 = 2;
 /// Direct restores done (tests check that the path was taken).
 #[cfg(test)]
 pub static DIRECT_RESTORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-/// Tests turn the direct restore on regardless of the environment.
 #[cfg(test)]
-pub static FORCE_DIRECT_RESTORE: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+thread_local! {
+    /// Tests turn the direct restore on, on their thread, regardless of the environment.
+    pub static FORCE_DIRECT_RESTORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Whether restores read tmpfs images through their page-locked pages: opt-in (`DEVPROXY_IMAGE_DIRECT_RESTORE=1`).
 /// Measured on the H100 host (2026-11-26 23:53 UTC), page-locking 16 GiB of existing pages took about 2 s, so the
@@ -713,7 +700,7 @@ pub static FORCE_DIRECT_RESTORE: std::sync::atomic::AtomicBool =
 /// buffers) had reached 15.5-17 GB/s; the buffered one stays the default.
 fn direct_restore() -> bool {
     #[cfg(test)]
-    if FORCE_DIRECT_RESTORE.load(std::sync::atomic::Ordering::Relaxed) {
+    if FORCE_DIRECT_RESTORE.with(|f| f.get()) {
         return true;
     }
     enabled() && std::env::var("DEVPROXY_IMAGE_DIRECT_RESTORE").is_ok_and(|v| v == "1")
@@ -821,4 +808,208 @@ pub fn consume_mapped(
         DIRECT_RESTORES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     r.map(Some)
+}
+
+/// Workers of a buffered restore that also take chunks of a tmpfs image by DMA from the file's own pages
+/// ([`DirectChunks`]); `DEVPROXY_RESTORE_PINNERS=N` (0 turns it off).
+///
+/// Why a mix: on the H100 host a restore through buffers is bounded by copying the image out of tmpfs (about 2 GB/s
+/// per thread, 16 threads), and one by DMA from the image's pages by page-locking them (16 GiB in about a second);
+/// the two use different resources, so a few direct workers taking chunks from the end while the buffer workers take
+/// them from the front add their rates.
+pub fn pinners() -> usize {
+    #[cfg(test)]
+    if let Some(n) = FORCE_PINNERS.with(|f| f.get()) {
+        return n;
+    }
+    if !enabled() {
+        return 0;
+    }
+    std::env::var("DEVPROXY_RESTORE_PINNERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set the number of direct workers of restores on their thread.
+    pub static FORCE_PINNERS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Takes blob bytes found at a blob offset (and writes them where they belong).
+pub type ApplyAt<'a> = dyn Fn(u64, &[u8]) -> Result<(), CheckpointError> + Sync + 'a;
+
+/// A tmpfs image's blob mapped for DMA chunk by chunk: each chunk's whole pages are page-locked, read by the device,
+/// and unlocked again by the worker that took it (so nothing is left locked behind the restore); the bytes before the
+/// first and after the last whole page of a chunk go through the backend's bounce path.
+pub struct DirectChunks<'a> {
+    map: PinnedMap,
+    /// Where the blob starts in the mapping.
+    lead: usize,
+    page: usize,
+    backend: &'a dyn Backend,
+}
+
+// SAFETY: the mapping is only read (by the CRC, and by the device), and lives until drop; the backend is Sync.
+unsafe impl Sync for DirectChunks<'_> {}
+
+impl<'a> DirectChunks<'a> {
+    /// `total` blob bytes at offset `base` of `file`; `None` where direct chunks do not apply (no direct workers
+    /// wanted, not tmpfs, the file cannot be reopened for a shared mapping, or it is shorter than the blob).
+    pub fn open(
+        file: &File,
+        base: u64,
+        total: u64,
+        backend: &'a dyn Backend,
+    ) -> Option<DirectChunks<'a>> {
+        if pinners() == 0 || total == 0 || !fd_on_tmpfs(file) {
+            return None;
+        }
+        // Page-locking needs a writable shared mapping: the same file, opened read-write (nothing is written).
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let start = base & !(page - 1);
+        let lead = (base - start) as usize;
+        let end = base.checked_add(total)?;
+        if end > rw.metadata().ok()?.len() {
+            return None;
+        }
+        let map = PinnedMap::new(&rw, start, lead + usize::try_from(total).ok()?)?;
+        Some(DirectChunks {
+            map,
+            lead,
+            page: page as usize,
+            backend,
+        })
+    }
+
+    /// Hands the blob's bytes `[off, off + len)` to `apply_at` (blob offset, bytes), the whole pages among them
+    /// page-locked first, and returns their CRC.
+    pub fn chunk(
+        &self,
+        off: u64,
+        len: usize,
+        apply_at: &ApplyAt<'_>,
+    ) -> Result<crc32fast::Hasher, CheckpointError> {
+        let at = self.lead + off as usize;
+        if at + len > self.map.len {
+            return Err(CheckpointError::Pipeline(
+                "blob chunk past the image mapping".into(),
+            ));
+        }
+        // SAFETY: inside our live mapping; only read, here and by the device.
+        let bytes = unsafe { std::slice::from_raw_parts(self.map.ptr.add(at), len) };
+        let lo = at.next_multiple_of(self.page).min(at + len);
+        let hi = ((at + len) / self.page * self.page).max(lo);
+        let span = HostSpan {
+            // SAFETY: lo <= at + len: inside the mapping.
+            ptr: unsafe { self.map.ptr.add(lo) },
+            len: hi - lo,
+        };
+        let locked = span.len > 0 && self.backend.host_register(span).is_ok();
+        let r = if locked {
+            let (head, rest) = bytes.split_at(lo - at);
+            let (mid, tail) = rest.split_at(hi - lo);
+            apply_at(off, head)
+                .and_then(|()| apply_at(off + head.len() as u64, mid))
+                .and_then(|()| apply_at(off + (hi - at) as u64, tail))
+        } else {
+            apply_at(off, bytes)
+        };
+        if locked {
+            let _ = self.backend.host_unregister(span);
+        }
+        r?;
+        let mut h = crc32fast::Hasher::new();
+        h.update(bytes);
+        Ok(h)
+    }
+}
+
+impl Drop for DirectChunks<'_> {
+    fn drop(&mut self) {
+        self.map.release(self.backend);
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+    use crate::backend::emulated::EmulatedBackend;
+    use crate::backend::BackendOptions;
+    use std::io::Write;
+
+    /// A blob at an unaligned offset of a tmpfs file, taken chunk by chunk: every byte arrives once, in order within
+    /// the chunk, with the whole pages in one piece starting on a page boundary, and the CRC is the chunk's.
+    #[test]
+    fn direct_chunks_hand_over_every_byte_with_whole_pages_in_one_piece() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        if !on_tmpfs(dir.path()) {
+            return;
+        }
+        let base = 1234u64;
+        let total = (3 << 20) + 777;
+        let blob: Vec<u8> = (0..total).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let path = dir.path().join("img");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![0xee; base as usize]).unwrap();
+        f.write_all(&blob).unwrap();
+        drop(f);
+        let f = File::open(&path).unwrap();
+        let b = EmulatedBackend::new_for_tests(&BackendOptions {
+            arena_bytes: 64 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        FORCE_PINNERS.with(|p| p.set(Some(2)));
+        let d = DirectChunks::open(&f, base, total as u64, &b).expect("tmpfs: direct chunks apply");
+        FORCE_PINNERS.with(|p| p.set(None));
+        for (off, len) in [
+            (0usize, 1 << 20),
+            (1 << 20, (1 << 20) + 5),
+            ((2 << 20) + 5, (1 << 20) + 772),
+            (100, 50),
+        ] {
+            let got = parking_lot::Mutex::new(Vec::<(u64, Vec<u8>)>::new());
+            let h = d
+                .chunk(off as u64, len, &|o, bytes| {
+                    if !bytes.is_empty() {
+                        got.lock().push((o, bytes.to_vec()));
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            let got = got.into_inner();
+            let joined: Vec<u8> = got.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            assert_eq!(joined, blob[off..off + len], "chunk at {off}");
+            let mut at = off as u64;
+            for (o, v) in &got {
+                assert_eq!(*o, at, "pieces in order, without gaps");
+                at += v.len() as u64;
+            }
+            if len > 3 * 4096 {
+                assert_eq!(got.len(), 3, "head, whole pages, tail");
+                assert_eq!(
+                    (base + got[1].0) % 4096,
+                    0,
+                    "the whole pages start on a page boundary"
+                );
+            }
+            let mut want = crc32fast::Hasher::new();
+            want.update(&blob[off..off + len]);
+            assert_eq!(h.finalize(), want.finalize());
+        }
+        assert!(
+            d.chunk(total as u64 - 10, 11, &|_, _| Ok(())).is_err(),
+            "past the blob"
+        );
+    }
 }

@@ -805,9 +805,26 @@ pub fn consume_blob(
             }
             let n = workers();
             let mut pool = Pool::new(total, n, pin);
+            // An image on tmpfs: a few workers also DMA chunks straight from the file's pages (see `direct`).
+            let direct = match (pin, &at.0) {
+                (Some(b), SrcKind::File { file, base }) => {
+                    super::direct::DirectChunks::open(file, *base, total, b)
+                }
+                _ => None,
+            };
+            let pinners = super::direct::pinners();
             super::phases::mark("buffers");
             let input = |off: u64, b: &mut [u8]| at.get_at(off, b);
-            let r = consume_with(regions, &input, n, false, &mut pool, apply, progress);
+            let r = consume_with(
+                regions,
+                &input,
+                n,
+                false,
+                &mut pool,
+                apply,
+                progress,
+                direct.as_ref().map(|d| (d, pinners)),
+            );
             super::phases::mark("copy");
             r
         }
@@ -817,7 +834,7 @@ pub fn consume_blob(
             super::phases::mark("buffers");
             let source = parking_lot::Mutex::new(source);
             let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
-            let r = consume_with(regions, &input, 2, true, &mut pool, apply, progress);
+            let r = consume_with(regions, &input, 2, true, &mut pool, apply, progress, None);
             super::phases::mark("copy");
             r
         }
@@ -829,6 +846,7 @@ pub fn consume_blob(
 /// (the cuda backend runs concurrent writes from page-locked buffers on several streams). With `ordered` (a stream
 /// source) a chunk is claimed and read under one lock, so chunks are read in stream order; their writes still
 /// overlap the next read. Progress is reported from this thread.
+#[allow(clippy::too_many_arguments)]
 fn consume_with(
     regions: &[Region],
     input: &In<'_>,
@@ -837,6 +855,7 @@ fn consume_with(
     pool: &mut Pool<'_>,
     apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
+    direct: Option<(&super::direct::DirectChunks, usize)>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
     let cap = pool.cap;
@@ -848,40 +867,61 @@ fn consume_with(
         at += r.bytes;
     }
     let starts = &starts;
-    let next = AtomicU64::new(0);
+    // Chunks not yet claimed: [lo, hi). Buffer workers claim from the front, direct workers from the back.
+    let claims = parking_lot::Mutex::new((0u64, chunks));
     let stop = AtomicBool::new(false);
-    let claim_lock = parking_lot::Mutex::new(());
     // Time the workers spent reading (and checksumming) and applying, summed over workers.
     let (read_ns, apply_ns) = (AtomicU64::new(0), AtomicU64::new(0));
+    let direct_chunks = AtomicU64::new(0);
     let (done_tx, done_rx) = crossbeam::channel::unbounded::<u64>();
     type WorkerOut = (
         Vec<(u64, crc32fast::Hasher)>,
         Option<io::Error>,
         Option<CheckpointError>,
     );
+    // Hands the blob bytes `b` found at blob offset `off` to `apply`, region by region.
+    let apply_at = |off: u64, b: &[u8]| -> Result<(), CheckpointError> {
+        // The last region starting at or before `off` (empty regions before it are skipped).
+        let mut region = starts.partition_point(|&s| s <= off).saturating_sub(1);
+        let mut at = 0usize;
+        while at < b.len() && region < regions.len() {
+            let r = &regions[region];
+            let roff = off + at as u64 - starts[region];
+            let n = (r.bytes.saturating_sub(roff) as usize).min(b.len() - at);
+            if n > 0 {
+                apply(region, r, roff, &b[at..at + n])?;
+                at += n;
+            }
+            region += 1;
+        }
+        Ok(())
+    };
+    let apply_at = &apply_at;
     std::thread::scope(|scope| {
         let n = workers
             .min(chunks.max(1) as usize)
             .min(pool.bufs.len())
             .max(1);
-        let handles: Vec<_> = pool
+        let mut handles: Vec<_> = pool
             .bufs
             .iter_mut()
             .take(n)
             .map(|buf| {
-                let (done_tx, next, stop, claim_lock) =
-                    (done_tx.clone(), &next, &stop, &claim_lock);
+                let (done_tx, claims, stop) = (done_tx.clone(), &claims, &stop);
                 let (read_ns, apply_ns) = (&read_ns, &apply_ns);
                 scope.spawn(move || -> WorkerOut {
                     let mut crcs = Vec::new();
                     let buf = buf.as_mut_slice();
                     while !stop.load(Ordering::Relaxed) {
                         let t = std::time::Instant::now();
-                        let guard = ordered.then(|| claim_lock.lock());
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= chunks {
+                        let mut guard = claims.lock();
+                        let k = guard.0;
+                        if k >= guard.1 {
                             break;
                         }
+                        guard.0 += 1;
+                        // A stream is read in claim order: the claim is held while the chunk is read.
+                        let guard = ordered.then_some(guard);
                         let off = k * cap as u64;
                         let len = ((total - off) as usize).min(cap);
                         // Read in slices and checksum each while it is still in the cache: one pass over memory
@@ -906,21 +946,9 @@ fn consume_with(
                         crcs.push((k, h));
                         let t2 = std::time::Instant::now();
                         read_ns.fetch_add((t2 - t).as_nanos() as u64, Ordering::Relaxed);
-                        // The last region starting at or before `off` (empty regions before it are skipped).
-                        let mut region = starts.partition_point(|&s| s <= off).saturating_sub(1);
-                        let mut at = 0usize;
-                        while at < len && region < regions.len() {
-                            let r = &regions[region];
-                            let roff = off + at as u64 - starts[region];
-                            let n = (r.bytes.saturating_sub(roff) as usize).min(len - at);
-                            if n > 0 {
-                                if let Err(e) = apply(region, r, roff, &buf[at..at + n]) {
-                                    stop.store(true, Ordering::Relaxed);
-                                    return (crcs, None, Some(e));
-                                }
-                                at += n;
-                            }
-                            region += 1;
+                        if let Err(e) = apply_at(off, &buf[..len]) {
+                            stop.store(true, Ordering::Relaxed);
+                            return (crcs, None, Some(e));
                         }
                         apply_ns.fetch_add(t2.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         let _ = done_tx.send(len as u64);
@@ -929,6 +957,38 @@ fn consume_with(
                 })
             })
             .collect();
+        // Direct workers: a chunk's own pages are page-locked and the device reads them (see `DirectChunks`).
+        if let Some((d, pinners)) = direct.filter(|_| !ordered) {
+            for _ in 0..pinners {
+                let (done_tx, claims, stop, direct_chunks) =
+                    (done_tx.clone(), &claims, &stop, &direct_chunks);
+                handles.push(scope.spawn(move || -> WorkerOut {
+                    let mut crcs = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = {
+                            let mut g = claims.lock();
+                            if g.0 >= g.1 {
+                                break;
+                            }
+                            g.1 -= 1;
+                            g.1
+                        };
+                        let off = k * cap as u64;
+                        let len = ((total - off) as usize).min(cap);
+                        match d.chunk(off, len, apply_at) {
+                            Ok(h) => crcs.push((k, h)),
+                            Err(e) => {
+                                stop.store(true, Ordering::Relaxed);
+                                return (crcs, None, Some(e));
+                            }
+                        }
+                        direct_chunks.fetch_add(1, Ordering::Relaxed);
+                        let _ = done_tx.send(len as u64);
+                    }
+                    (crcs, None, None)
+                }));
+            }
+        }
         drop(done_tx);
         let mut done = 0u64;
         let mut reported = 0u64;
@@ -940,6 +1000,12 @@ fn consume_with(
             }
         }
         progress(done, total);
+        if direct.is_some() {
+            tracing::info!(
+                "restore: {} of {chunks} chunks went to the device straight from the image's own pages",
+                direct_chunks.load(Ordering::Relaxed)
+            );
+        }
         let secs = |ns: &AtomicU64| ns.load(Ordering::Relaxed) as f64 / 1e9 / n as f64;
         super::phases::add("(per worker: reading)", secs(&read_ns));
         super::phases::add("(per worker: device writes)", secs(&apply_ns));
