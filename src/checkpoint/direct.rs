@@ -72,8 +72,9 @@ fn fd_on_tmpfs(f: &File) -> bool {
 
 /// Bytes to prepare for a session holding `device_bytes` of device memory and `host_bytes` of pinned host memory and
 /// module images (the blob and the manifest), plus room for the header, the rest of the manifest and what the
-/// process may allocate before the barrier. The slack is kept small: trimming the unused tail of the file is part of the pause
-/// (0.1 s for 0.5 GiB on the H100 host), and a blob that does not fit falls back to the buffered path.
+/// process may allocate before the barrier. The slack is kept small: trimming the unused tail of the file is part of
+/// the pause of a `--stop` checkpoint (0.1 s for 0.5 GiB on the H100 host), and a blob that does not fit falls back
+/// to the buffered path.
 pub fn planned_len(device_bytes: u64, host_bytes: u64) -> u64 {
     device_bytes + host_bytes + (64 << 20) + device_bytes / 256
 }
