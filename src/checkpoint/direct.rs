@@ -812,12 +812,15 @@ pub fn consume_mapped(
 }
 
 /// Workers of a buffered restore that also take chunks of a tmpfs image by DMA from the file's own pages
-/// ([`DirectChunks`]); `DEVPROXY_RESTORE_PINNERS=N` (0 turns it off).
+/// ([`DirectChunks`]), claiming them from the end while the buffer workers claim from the front:
+/// `DEVPROXY_RESTORE_PINNERS=N`, off (0) by default.
 ///
-/// Why a mix: on the H100 host a restore through buffers is bounded by copying the image out of tmpfs (about 2 GB/s
-/// per thread, 16 threads), and one by DMA from the image's pages by page-locking them (16 GiB in about a second);
-/// the two use different resources, so a few direct workers taking chunks from the end while the buffer workers take
-/// them from the front add their rates.
+/// Why it exists and why it is off: on the H100 host a restore through buffers is bounded by copying the image out
+/// of tmpfs (about 2 GB/s per thread on 16 threads), and a restore by DMA from the page-locked image by the locking
+/// (16 GiB in about a second), so mixing the two looked like adding their rates. Measured there (2026-11-27 03:22
+/// UTC, 16 GiB): no gain on a tmpfs with huge pages (0.698-0.716 s with 4 or 8 direct workers, 0.678 s without) and a
+/// loss on /dev/shm with 4 KiB pages (1.29 s against 0.85-0.93 s: locking slowed the buffer workers' device writes).
+/// Kept as a switch for hosts where locking is cheaper (no hypervisor between the process and its pages).
 pub fn pinners() -> usize {
     #[cfg(test)]
     if let Some(n) = FORCE_PINNERS.with(|f| f.get()) {
@@ -829,7 +832,7 @@ pub fn pinners() -> usize {
     std::env::var("DEVPROXY_RESTORE_PINNERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
