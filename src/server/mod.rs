@@ -441,6 +441,8 @@ impl Server {
     fn session_loop(self: Arc<Self>, sh: Arc<SessionShared>, mut st: SessionState) {
         let mut buf = Vec::with_capacity(4096);
         let mut detached = false;
+        // (allocations, pinned blocks, objects) when the sizes were last published.
+        let mut shape = (usize::MAX, 0, 0);
         // A restored rank held by the job barrier inside an NCCL group: that record was taken from the ring but not
         // executed (it is the one after `last_executed`), so it runs first, as that record.
         for req in std::mem::take(&mut st.replay) {
@@ -522,8 +524,14 @@ impl Server {
                 }
             }
             sh.seg.set_last_executed(meta.seq);
-            sh.device_bytes.store(st.device_bytes(), Ordering::Relaxed);
-            sh.host_bytes.store(st.host_bytes(), Ordering::Relaxed);
+            // The sizes `ps` and checkpoints read, summed again only when a request added or removed an allocation,
+            // a pinned block or an object (each request does at most one of these): not on every forwarded call.
+            let now = (st.allocations.len(), st.pinned.len(), st.objects.len());
+            if now != shape {
+                shape = now;
+                sh.device_bytes.store(st.device_bytes(), Ordering::Relaxed);
+                sh.host_bytes.store(st.host_bytes(), Ordering::Relaxed);
+            }
         }
         sh.closed.store(true, Ordering::Release);
         st.teardown();
