@@ -118,6 +118,31 @@ impl Env {
     }
 
     /// Runs a devproxy command to completion; (success, stdout + stderr).
+    /// `devproxy ARGS`, given `secs` seconds to end; `None` (after killing it) if it did not.
+    fn devproxy_within(&self, args: &[&str], secs: u64) -> Option<(bool, String)> {
+        use std::process::Stdio;
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run devproxy");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("output");
+        let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+        s.push_str(&String::from_utf8_lossy(&out.stderr));
+        Some((out.status.success(), s))
+    }
+
     fn devproxy(&self, args: &[&str]) -> (bool, String) {
         let out = self.cmd().args(args).output().expect("run devproxy");
         let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -558,14 +583,20 @@ fn damaged_images_are_refused_and_the_process_waits_for_a_good_one() {
     });
     rewrite(&img, &cases[4].1, |m| m.device.arena_bytes = 32 << 30);
     for (what, dir, needles) in &cases {
-        let (ok, s) = env.devproxy(&[
-            "restore",
-            "--backend",
-            "emulated",
-            "--socket",
-            sock.to_str().unwrap(),
-            dir.to_str().unwrap(),
-        ]);
+        // A restore that accepts the image serves it and never ends: bounded, so that fails instead of hanging.
+        let Some((ok, s)) = env.devproxy_within(
+            &[
+                "restore",
+                "--backend",
+                "emulated",
+                "--socket",
+                sock.to_str().unwrap(),
+                dir.to_str().unwrap(),
+            ],
+            120,
+        ) else {
+            panic!("{what}: restore accepted a bad image (still serving it after 120 s)");
+        };
         assert!(!ok, "{what}: restore accepted a bad image: {s}");
         for n in needles {
             assert!(s.contains(n), "{what}: '{n}' missing from: {s}");
