@@ -553,8 +553,12 @@ pub fn warm_buffers(n: usize) {
     KEPT.lock().extend(made);
 }
 
-/// How many buffers a restore of `total` blob bytes uses (see [`consume_blob`]).
+/// How many full-size buffers a restore of `total` blob bytes uses (see [`consume_blob`]; a blob smaller than one
+/// buffer gets a buffer of its own size, not a kept one).
 pub fn restore_buffers(total: u64) -> usize {
+    if total < BUF as u64 {
+        return 0;
+    }
     workers().min(total.div_ceil(BUF as u64) as usize)
 }
 
