@@ -126,6 +126,18 @@ fn take(b: &Arc<dyn Backend>, st: &mut SessionState, seg: &Segment) -> Captured 
     capture(st, seg, who(), DeviceImage::of(b.info())).unwrap()
 }
 
+/// Captures `st` and writes its image into a fresh temporary directory.
+fn checkpointed(
+    b: &Arc<dyn Backend>,
+    st: &mut SessionState,
+    seg: &Segment,
+) -> (Captured, tempfile::TempDir) {
+    let cap = take(b, st, seg);
+    let dir = tempfile::tempdir().unwrap();
+    write(b, &cap, dir.path());
+    (cap, dir)
+}
+
 fn write(b: &Arc<dyn Backend>, cap: &Captured, dir: &std::path::Path) {
     let pinned = cap.pinned.clone();
     let mut k = 0usize;
@@ -194,9 +206,7 @@ fn image_roundtrip_keeps_addresses_handles_and_contents() {
     };
     let globals = st.globals.clone();
     let (free0, _) = b.mem_info();
-    let dir = tempfile::tempdir().unwrap();
-    let cap = take(&b, &mut st, &seg);
-    write(&b, &cap, dir.path());
+    let (_, dir) = checkpointed(&b, &mut st, &seg);
     st.teardown();
     let (free_empty, total) = b.mem_info();
     assert_eq!(free_empty, total, "teardown frees everything");
@@ -258,9 +268,7 @@ fn damaged_images_are_refused_and_nothing_is_left_behind() {
     let b = backend();
     let seg = segment();
     let mut st = populated(&b, &seg);
-    let dir = tempfile::tempdir().unwrap();
-    let cap = take(&b, &mut st, &seg);
-    write(&b, &cap, dir.path());
+    let (_, dir) = checkpointed(&b, &mut st, &seg);
     st.teardown();
     let (free, total) = b.mem_info();
     assert_eq!(free, total);
@@ -343,9 +351,7 @@ fn a_failed_write_leaves_the_earlier_image_intact() {
     let b = backend();
     let seg = segment();
     let mut st = populated(&b, &seg);
-    let dir = tempfile::tempdir().unwrap();
-    let cap = take(&b, &mut st, &seg);
-    write(&b, &cap, dir.path());
+    let (cap, dir) = checkpointed(&b, &mut st, &seg);
     let good = std::fs::read(dir.path().join(IMAGE_FILE)).unwrap();
     let mut n = 0;
     let mut failing = |_: usize, _: &super::manifest::Region, _: u64, dst: &mut [u8]| {
@@ -536,9 +542,7 @@ fn reservations_survive_checkpoint_and_restore() {
     b.mem_alloc_at(r, g).unwrap();
     b.write_device(r, &pattern(3, g as usize)).unwrap();
     st.allocations.insert(r, Allocation { bytes: g });
-    let cap = take(&b, &mut st, &seg);
-    let dir = tempfile::tempdir().unwrap();
-    write(&b, &cap, dir.path());
+    let (_, dir) = checkpointed(&b, &mut st, &seg);
     let before = snapshot(&b, &st);
     st.teardown();
     assert!(
@@ -567,9 +571,7 @@ fn format_1_0_images_still_restore() {
     let b = backend();
     let seg = segment();
     let mut st = populated(&b, &seg);
-    let cap = take(&b, &mut st, &seg);
-    let dir = tempfile::tempdir().unwrap();
-    write(&b, &cap, dir.path());
+    let (_, dir) = checkpointed(&b, &mut st, &seg);
     let before = snapshot(&b, &st);
     st.teardown();
     let path = dir.path().join(super::format::IMAGE_FILE);
@@ -629,9 +631,7 @@ fn function_attributes_survive_checkpoint_and_restore() {
         Reply::Unit
     ));
     assert_eq!(get(&mut st), raised);
-    let cap = take(&b, &mut st, &seg);
-    let dir = tempfile::tempdir().unwrap();
-    write(&b, &cap, dir.path());
+    let (_, dir) = checkpointed(&b, &mut st, &seg);
     st.teardown();
     let mut back = restore(&b, dir.path()).unwrap().state;
     assert_eq!(get(&mut back), raised, "the attribute is set again");
