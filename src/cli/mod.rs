@@ -25,6 +25,7 @@ pub enum Command {
         /// `cuda` or `emulated`; default: cuda where a driver and a GPU exist, else emulated.
         #[arg(long)]
         backend: Option<BackendKind>,
+        /// The GPU's ordinal (cuda backend).
         #[arg(long, default_value_t = 0)]
         device: u32,
         /// Socket path (default: $XDG_RUNTIME_DIR/devproxy/dev<N>.sock or /tmp/devproxy-<uid>/dev<N>.sock).
@@ -44,8 +45,10 @@ pub enum Command {
         /// Socket of a running server; without it an embedded server is started for this command.
         #[arg(long)]
         server: Option<PathBuf>,
+        /// `cuda` or `emulated`; default: cuda where a driver and a GPU exist, else emulated.
         #[arg(long)]
         backend: Option<BackendKind>,
+        /// The GPU's ordinal (cuda backend).
         #[arg(long, default_value_t = 0)]
         device: u32,
         /// The command and its arguments.
@@ -54,13 +57,16 @@ pub enum Command {
     },
     /// List sessions (processes) of the running servers.
     Ps {
+        /// Only this server's socket (default: every server in the runtime directory).
         #[arg(long)]
         server: Option<PathBuf>,
     },
     /// Write a process's device state to an image directory.
     Checkpoint {
+        /// The socket of the server holding the process (default: whichever running server serves the pid).
         #[arg(long)]
         server: Option<PathBuf>,
+        /// The process (its pid, as `devproxy ps` shows it).
         #[arg(long, required_unless_present = "job")]
         pid: Option<u32>,
         /// Checkpoint every rank of an NCCL job (see `devproxy ps`), stopped before the same collective.
@@ -69,6 +75,7 @@ pub enum Command {
         /// Seconds the job barrier waits for every rank.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Image directory to write (created; an existing image in it is replaced only once the new one is complete).
         #[arg(long)]
         out: PathBuf,
         /// Keep the process paused at the barrier afterwards (preemption).
@@ -84,52 +91,73 @@ pub enum Command {
     /// collective the job was stopped before. Kill the old servers first (their sockets are reused). To restore ranks
     /// on several machines, run `devproxy restore DIR --ranks R,...` on each, for the ranks whose processes live there.
     Restore {
+        /// The image directory (one process's, or an NCCL job's).
         dir: PathBuf,
         /// Job image only: restore just these ranks (comma-separated), in one server.
         #[arg(long, value_delimiter = ',')]
         ranks: Option<Vec<i32>>,
+        /// Socket to serve the restored process on (default: the one it used, recorded in the image).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// `cuda` or `emulated`; default: cuda where a driver and a GPU exist, else emulated.
         #[arg(long)]
         backend: Option<BackendKind>,
+        /// The GPU's ordinal (cuda backend).
         #[arg(long, default_value_t = 0)]
         device: u32,
+        /// A restore drill: rebuild the image's device state on this device, check every CRC, print the summary,
+        /// then release it all and exit. The paused process is not touched and nothing is served (one process's
+        /// image, or a rank's directory of a job image).
+        #[arg(long, conflicts_with_all = ["ranks", "socket"])]
+        trial: bool,
     },
     /// Move a running process's device state to another server; the process continues there.
     ///
     /// An NCCL rank (`--pid` of its process, or `--job ID --rank R`) takes its communicators along: they rejoin the
     /// job's clique from the target server while the other ranks run on.
     Migrate {
+        /// The socket of the server holding the process (default: whichever running server serves the pid).
         #[arg(long)]
         server: Option<PathBuf>,
+        /// The process (its pid, as `devproxy ps` shows it).
         #[arg(long, required_unless_present = "job")]
         pid: Option<u32>,
         /// The NCCL job of the rank to move (see `devproxy ps`); with --rank.
         #[arg(long, conflicts_with = "pid", requires = "rank")]
         job: Option<String>,
+        /// The rank to move (with --job).
         #[arg(long, requires = "job")]
         rank: Option<i32>,
+        /// The target server's socket (a `devproxy serve` on this or another GPU).
         #[arg(long)]
         to: PathBuf,
     },
     /// Move a process's device memory to host memory and free the device until `resume`.
     Suspend {
+        /// The socket of the server holding the process (default: whichever running server serves the pid).
         #[arg(long)]
         server: Option<PathBuf>,
+        /// The process (its pid, as `devproxy ps` shows it).
         #[arg(long)]
         pid: u32,
     },
     /// Continue a suspended or paused process.
     Resume {
+        /// The socket of the server holding the process (default: whichever running server serves the pid).
         #[arg(long)]
         server: Option<PathBuf>,
+        /// The process (its pid, as `devproxy ps` shows it).
         #[arg(long)]
         pid: u32,
     },
     /// Show what an image holds.
-    Inspect { dir: PathBuf },
+    Inspect {
+        /// The image directory.
+        dir: PathBuf,
+    },
     /// Stop a server.
     Shutdown {
+        /// The server's socket (default: device 0's).
         #[arg(long)]
         server: Option<PathBuf>,
     },
@@ -269,8 +297,15 @@ pub fn main(cli: Cli) -> i32 {
             socket,
             backend,
             device,
+            trial,
         } => {
-            if crate::nccl::restore::is_job_dir(&dir) {
+            if trial && crate::nccl::restore::is_job_dir(&dir) {
+                Err(format!(
+                    "{}: --trial restores one process's image; name a rank's directory ({}/rank-R)",
+                    dir.display(),
+                    dir.display()
+                ))
+            } else if crate::nccl::restore::is_job_dir(&dir) {
                 crate::nccl::restore::restore_job_cmd(&dir, ranks, socket, backend, device)
             } else if ranks.is_some() {
                 Err(format!(
@@ -278,7 +313,7 @@ pub fn main(cli: Cli) -> i32 {
                     dir.display()
                 ))
             } else {
-                crate::checkpoint::restore_cmd(&dir, socket, backend, device)
+                crate::checkpoint::restore_cmd(&dir, socket, backend, device, trial)
             }
         }
         Command::Inspect { dir } => crate::checkpoint::inspect_cmd(&dir),
