@@ -604,6 +604,30 @@ fn damaged_images_are_refused_and_the_process_waits_for_a_good_one() {
         assert!(run.alive(), "{what}: the process died");
         assert_eq!(run.stdout(), at, "{what}: the process moved on");
     }
+    // A restore drill (`--trial`) refuses the damaged blob and passes the good image; it ends (serves nothing) and
+    // leaves the paused process as it was.
+    let trial = |dir: &Path| {
+        env.devproxy_within(
+            &[
+                "restore",
+                "--backend",
+                "emulated",
+                "--trial",
+                dir.to_str().unwrap(),
+            ],
+            120,
+        )
+        .expect("a restore drill ends")
+    };
+    let (ok, s) = trial(&cases[1].1);
+    assert!(!ok && s.contains("blob CRC mismatch"), "{s}");
+    let (ok, s) = trial(&img);
+    assert!(
+        ok && s.contains("trial restore of session") && s.contains("trial passed"),
+        "{s}"
+    );
+    assert!(run.alive());
+    assert_eq!(run.stdout(), at, "the drill moved the process on");
     env.restore(&img, &sock);
     assert_eq!(run.finish(), want);
 }

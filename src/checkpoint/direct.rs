@@ -16,7 +16,9 @@
 //!   registered memory), piece by piece; CRC threads follow; `resume` runs as soon as the last byte is in host memory;
 //!   then the header, the final size, `fsync` and the rename, as for any image.
 //! - **Restore** ([`consume_mapped`], opt-in): the blob's range of the image is mapped and page-locked, the device
-//!   reads it by DMA while CRC threads read it too. Page-locking existing pages proved slower than copying them into
+//!   reads it by DMA while CRC threads read it too. `devproxy restore` maps the blob and faults its pages in while
+//!   the driver starts ([`preload_restore`]), so that page-locking only pins pages already mapped; the pages are let
+//!   go of on a thread of their own afterwards. Page-locking existing pages proved slower than copying them into
 //!   the buffered pipeline's page-locked buffers (see [`direct_restore`]), so restores use the buffered pipeline
 //!   unless asked; a migration's or suspension's memory file is read by it too.
 //!
@@ -253,6 +255,23 @@ impl PinnedMap {
             // SAFETY: our mapping, unmapped once (ptr is cleared).
             unsafe { libc::munmap(self.ptr.cast(), self.len) };
             self.ptr = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for PinnedMap {
+    /// Unmaps a mapping nobody released (one preloaded and never used). Pages still page-locked would need the backend
+    /// that locked them: the owners (`Prepared`, `BlobFd`, the restores) release before dropping.
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            debug_assert!(
+                self.registered.is_empty(),
+                "a page-locked mapping dropped without release"
+            );
+            if self.registered.is_empty() {
+                // SAFETY: our mapping; nothing refers to it any more.
+                unsafe { libc::munmap(self.ptr.cast(), self.len) };
+            }
         }
     }
 }
@@ -698,13 +717,96 @@ thread_local! {
 /// Whether restores read tmpfs images through their page-locked pages: opt-in (`DEVPROXY_IMAGE_DIRECT_RESTORE=1`).
 /// Measured on the H100 host (2026-11-26 23:53 UTC), page-locking 16 GiB of existing pages took about 2 s, so the
 /// direct restore ran at 8.6 GB/s where the buffered pipeline (16 reader threads copying into 1 GiB of page-locked
-/// buffers) had reached 15.5-17 GB/s; the buffered one stays the default.
+/// buffers) had reached 15.5-17 GB/s; the buffered one stays the default. On 2026-11-27 03:00 UTC, with huge pages:
+/// 1.09 s against 0.678 s buffered, for 16 GiB. Both times included faulting the mapping in and letting go of the
+/// locked pages; the first now overlaps the driver's start and the second runs after the restore (not yet measured
+/// on a GPU: `RESTORE_DIRECT=1 gpu/check.sh` compares).
 fn direct_restore() -> bool {
     #[cfg(test)]
     if FORCE_DIRECT_RESTORE.with(|f| f.get()) {
         return true;
     }
     enabled() && std::env::var("DEVPROXY_IMAGE_DIRECT_RESTORE").is_ok_and(|v| v == "1")
+}
+
+/// The blob's range of a tmpfs image (`total` bytes at `base` of a file), as page-locking needs it mapped: the same
+/// file reopened read-write (nothing is written), from the page boundary at or before the blob.
+struct BlobRange {
+    rw: File,
+    start: u64,
+    /// Where the blob starts in the mapping.
+    lead: usize,
+    /// Mapping length: `lead` + the blob.
+    len: usize,
+    /// Which file range it is: device, inode, offset, length.
+    key: (u64, u64, u64, usize),
+}
+
+impl BlobRange {
+    /// `None` where it does not apply: not tmpfs, cannot be reopened, or a truncated file (which the buffered path
+    /// reports properly).
+    fn of(file: &File, base: u64, total: u64) -> Option<BlobRange> {
+        use std::os::unix::fs::MetadataExt;
+        if total == 0 || !fd_on_tmpfs(file) {
+            return None;
+        }
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let start = base & !(page - 1);
+        let lead = (base - start) as usize;
+        let meta = rw.metadata().ok()?;
+        if base.checked_add(total)? > meta.len() {
+            return None;
+        }
+        let len = lead + usize::try_from(total).ok()?;
+        Some(BlobRange {
+            key: (meta.dev(), meta.ino(), start, len),
+            rw,
+            start,
+            lead,
+            len,
+        })
+    }
+
+    fn map(&self) -> Option<PinnedMap> {
+        PinnedMap::new(&self.rw, self.start, self.len)
+    }
+}
+
+/// A restore's blob mapping made and faulted in ahead of time by [`preload_restore`], waiting for [`consume_mapped`]
+/// (keyed by [`BlobRange::key`]).
+type Preloaded = ((u64, u64, u64, usize), PinnedMap);
+static PRELOADED: parking_lot::Mutex<Option<Preloaded>> = parking_lot::const_mutex(None);
+
+/// Restores that found their mapping preloaded (tests check that it was used).
+#[cfg(test)]
+pub static PRELOADS_USED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Maps the blob of a tmpfs image and faults its pages into the mapping on several threads, for a direct restore
+/// ([`consume_mapped`]) that follows: `devproxy restore` runs this while the driver starts, so that page-locking
+/// later finds every page mapped and only has to pin it. Returns whether it did (the direct restore is turned on and
+/// the image is on tmpfs); what it made is dropped if no restore takes it.
+pub fn preload_restore(file: &File, base: u64, total: u64) -> bool {
+    if !direct_restore() {
+        return false;
+    }
+    let Some(range) = BlobRange::of(file, base, total) else {
+        return false;
+    };
+    let Some(map) = range.map() else {
+        return false;
+    };
+    if let Err(e) = map.populate() {
+        tracing::info!("restore: the image's pages could not be faulted in ahead ({e})");
+        return false;
+    }
+    *PRELOADED.lock() = Some((range.key, map));
+    true
 }
 
 /// Restore's direct path: `total` blob bytes at offset `base` of `file` go from the file's pages to `apply` (the
@@ -718,32 +820,30 @@ pub fn consume_mapped(
     regions: &[Region],
     apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
-    backend: &dyn Backend,
+    backend: &Arc<dyn Backend>,
 ) -> Result<Option<u32>, CheckpointError> {
-    if !direct_restore() || total == 0 || !fd_on_tmpfs(file) {
+    if !direct_restore() {
         return Ok(None);
     }
-    // Page-locking for DMA needs a writable shared mapping: the same file, opened read-write (nothing is written).
-    let Ok(rw) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-    else {
+    let Some(range) = BlobRange::of(file, base, total) else {
         return Ok(None);
     };
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let start = base & !(page - 1);
-    let lead = (base - start) as usize;
-    let (Ok(blob_len), Ok(file_len)) = (usize::try_from(total), rw.metadata().map(|m| m.len()))
-    else {
-        return Ok(None);
-    };
-    if base.checked_add(total).is_none_or(|end| end > file_len) {
-        return Ok(None); // truncated: the buffered path reports it properly
-    }
-    let Some(mut map) = PinnedMap::new(&rw, start, lead + blob_len) else {
-        return Ok(None);
+    let (lead, blob_len) = (range.lead, range.len - range.lead);
+    // A mapping preloaded for this very range (see `preload_restore`) has its pages in place already.
+    let preloaded = PRELOADED.lock().take();
+    let mut map = match preloaded {
+        Some((key, map)) if key == range.key => {
+            #[cfg(test)]
+            PRELOADS_USED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            map
+        }
+        other => {
+            drop(other); // unmapped (a preloaded mapping is never page-locked)
+            let Some(map) = range.map() else {
+                return Ok(None);
+            };
+            map
+        }
     };
     // Page-locking runs on helper threads, span by span in order, while this thread copies each span as soon as its
     // registration is done (pinning many GiB takes long enough to be worth overlapping). A span the backend refuses
@@ -754,6 +854,8 @@ pub fn consume_mapped(
     let (lock, cv) = (parking_lot::Mutex::new(()), parking_lot::Condvar::new());
     let next = AtomicUsize::new(0);
     let starts = region_starts(regions);
+    // Seconds the copy loop waited for a span's page-locking, and spent in device writes.
+    let (waited, writing) = (std::cell::Cell::new(0.0f64), std::cell::Cell::new(0.0f64));
     let r = std::thread::scope(|s| {
         for _ in 0..threads().min(spans.len()) {
             s.spawn(|| loop {
@@ -768,10 +870,12 @@ pub fn consume_mapped(
             });
         }
         let wait_for = |k: usize| {
+            let t = Instant::now();
             let mut g = lock.lock();
             while status[k].load(Relaxed) == PENDING {
                 cv.wait(&mut g);
             }
+            waited.set(waited.get() + t.elapsed().as_secs_f64());
         };
         crc_alongside(&map, lead, blob_len, false, |_| {
             let mut region = 0;
@@ -784,7 +888,9 @@ pub fn consume_mapped(
                 let n = n.min((regions[i].bytes - off) as usize);
                 // SAFETY: inside the blob's range of the mapping; only read here and by the CRC threads.
                 let src: &[u8] = unsafe { map.slice_mut(lead + pos, n) };
+                let t = Instant::now();
                 apply(i, &regions[i], off, src)?;
+                writing.set(writing.get() + t.elapsed().as_secs_f64());
                 progress((pos + n) as u64, total);
                 Ok(n)
             })
@@ -797,12 +903,18 @@ pub fn consume_mapped(
         .filter(|(_, st)| st.load(Relaxed) == LOCKED)
         .map(|(sp, _)| sp)
         .collect();
-    map.release(backend);
+    super::phases::add("(direct: waiting for page-locking)", waited.get());
+    super::phases::add("(direct: device writes)", writing.get());
+    // Letting go of the locked pages (about a second for 16 GiB on the H100 host) is not part of the restore.
+    map.release_in_background(backend);
     tracing::info!(
-        "direct restore: {} in {:.3} s ({refused} of {} spans could not be page-locked)",
+        "direct restore: {} in {:.3} s ({refused} of {} spans could not be page-locked; waited {:.3} s for \
+         page-locking, {:.3} s in device writes)",
         crate::control::human_bytes(total),
         t0.elapsed().as_secs_f64(),
-        status.len()
+        status.len(),
+        waited.get(),
+        writing.get()
     );
     #[cfg(test)]
     if r.is_ok() {
@@ -867,24 +979,14 @@ impl<'a> DirectChunks<'a> {
         total: u64,
         backend: &'a dyn Backend,
     ) -> Option<DirectChunks<'a>> {
-        if pinners() == 0 || total == 0 || !fd_on_tmpfs(file) {
+        if pinners() == 0 {
             return None;
         }
-        // Page-locking needs a writable shared mapping: the same file, opened read-write (nothing is written).
-        let rw = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok()?;
+        let range = BlobRange::of(file, base, total)?;
+        let map = range.map()?;
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        let start = base & !(page - 1);
-        let lead = (base - start) as usize;
-        let end = base.checked_add(total)?;
-        if end > rw.metadata().ok()?.len() {
-            return None;
-        }
-        let map = PinnedMap::new(&rw, start, lead + usize::try_from(total).ok()?)?;
+        let lead = range.lead;
         Some(DirectChunks {
             map,
             lead,

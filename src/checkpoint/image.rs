@@ -27,6 +27,7 @@ use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Largest piece an ordered sink is handed at once (a migration frame; the manifest is sent in pieces this size too).
 pub const CHUNK: usize = 16 << 20;
@@ -797,9 +798,10 @@ pub fn consume_blob(
     source: &mut dyn BlobSource,
     apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
-    pin: Option<&dyn Backend>,
+    pin: Option<&Arc<dyn Backend>>,
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
+    let pin_ref = pin.map(|b| b.as_ref());
     match source.positional(total) {
         Some(at) => {
             // An image on tmpfs restores by DMA straight from the file's pages (see `direct`).
@@ -812,9 +814,9 @@ pub fn consume_blob(
                 }
             }
             let n = workers();
-            let mut pool = Pool::new(total, n, pin);
+            let mut pool = Pool::new(total, n, pin_ref);
             // An image on tmpfs: with `DEVPROXY_RESTORE_PINNERS`, a few workers DMA chunks from its own pages (`direct`).
-            let direct = match (pin, &at.0) {
+            let direct = match (pin_ref, &at.0) {
                 (Some(b), SrcKind::File { file, base }) => {
                     super::direct::DirectChunks::open(file, *base, total, b)
                 }
@@ -838,7 +840,7 @@ pub fn consume_blob(
         }
         None => {
             // Two workers: one reads the stream while the other writes what it read.
-            let mut pool = Pool::new(total, 2, pin);
+            let mut pool = Pool::new(total, 2, pin_ref);
             super::phases::mark("buffers");
             let source = parking_lot::Mutex::new(source);
             let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
@@ -1222,6 +1224,19 @@ impl LoadedImage {
                 source,
             })?;
         Ok(f)
+    }
+
+    /// The image file, and where its blob lies in it (offset, length), for reading ahead of a restore.
+    pub fn preload_source(&self) -> Result<(File, u64, u64), CheckpointError> {
+        let f = self
+            .file
+            .try_clone()
+            .map_err(|source| CheckpointError::Io {
+                path: self.path.display().to_string(),
+                what: "opening the blob",
+                source,
+            })?;
+        Ok((f, self.header.blob_offset, self.manifest.blob_len()))
     }
 
     /// Checks the blob CRC against the header (reads the whole blob).

@@ -116,14 +116,15 @@ pub fn control(
     ops::control(server, conn, req, send)
 }
 
-/// `devproxy restore DIR`.
+/// `devproxy restore DIR` (`trial`: `--trial`, rebuild, report and release without serving).
 pub fn restore_cmd(
     dir: &std::path::Path,
     socket: Option<std::path::PathBuf>,
     backend: Option<crate::backend::BackendKind>,
     device: u32,
+    trial: bool,
 ) -> Result<(), String> {
-    ops::restore_cmd(dir, socket, backend, device)
+    ops::restore_cmd(dir, socket, backend, device, trial)
 }
 
 /// `devproxy inspect DIR`.

@@ -544,7 +544,7 @@ pub fn restore_state(
                 }),
             },
             progress,
-            Some(backend.as_ref()),
+            Some(backend),
         )?;
         let stored = match expected {
             ExpectedCrc::Known(c) => c,
@@ -627,19 +627,28 @@ fn terminal_progress() -> impl FnMut(u64, u64) {
 }
 
 /// `devproxy restore DIR`: checks the image, rebuilds its session on a new server and serves it in the foreground.
-/// Nothing is listened on before the session is fully rebuilt, so a refused image leaves the process waiting.
+/// Nothing is listened on before the session is fully rebuilt, so a refused image leaves the process waiting. With
+/// `trial` (a restore drill), the rebuilt session is released again after the summary and nothing is served.
 pub fn restore_cmd(
     dir: &Path,
     socket: Option<PathBuf>,
     kind: Option<crate::backend::BackendKind>,
     device: u32,
+    trial: bool,
 ) -> Result<(), String> {
     super::phases::start();
     let img = LoadedImage::open(dir).map_err(|e| e.to_string())?;
-    // The copy buffers' memory is faulted in while the driver starts (both take a few hundred ms on a GPU host).
+    // While the driver starts (a few hundred ms on a GPU host), the memory the copy will use is faulted in: the
+    // image's own pages for a direct restore from tmpfs, otherwise the copy buffers.
     let warm = {
         let n = image::restore_buffers(img.manifest.blob_len());
-        std::thread::spawn(move || image::warm_buffers(n))
+        let preload = img.preload_source().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            let (file, base, len) = preload;
+            if !super::direct::preload_restore(&file, base, len) {
+                image::warm_buffers(n)
+            }
+        })
     };
     let backend = crate::cli::make_backend(kind, device, None);
     let _ = warm.join();
@@ -667,10 +676,13 @@ pub fn restore_cmd(
     )
     .map_err(|e| format!("restore refused, nothing was restored: {e}"))?;
     let mut rebuilt = rebuilt;
-    // An NCCL rank's communicators (nccl.state next to the image) rejoin their cliques.
-    if let Err(e) = crate::nccl::restore::attach_saved(&img.path, &mut rebuilt.state) {
-        rebuilt.state.teardown();
-        return Err(format!("restore refused, nothing was restored: {e}"));
+    // An NCCL rank's communicators (nccl.state next to the image) rejoin their cliques; not in a drill, which would
+    // join the job's running ranks.
+    if !trial {
+        if let Err(e) = crate::nccl::restore::attach_saved(&img.path, &mut rebuilt.state) {
+            rebuilt.state.teardown();
+            return Err(format!("restore refused, nothing was restored: {e}"));
+        }
     }
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprint!("\r{:60}\r", "");
@@ -681,6 +693,25 @@ pub fn restore_cmd(
     // The driver's start-up comes before the timed restore; it is shown, not counted.
     let mut phases = driver_secs;
     phases.extend(super::phases::take());
+    if trial {
+        rebuilt.state.teardown();
+        println!(
+            "{}",
+            Summary {
+                what: format!("trial restore of session {} (pid {})", s.id, s.pid),
+                bytes,
+                seconds: secs,
+                paused_seconds: 0.0,
+                phases,
+                path: what,
+            }
+        );
+        println!(
+            "trial passed: the image restores on this device (every CRC checked); released again, pid {} untouched",
+            s.pid
+        );
+        return Ok(());
+    }
     let srv = Server::new(
         backend,
         ServerOptions {

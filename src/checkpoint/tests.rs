@@ -512,6 +512,32 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         "device memory restored exactly"
     );
     back.teardown();
+    // A mapping made and faulted in ahead (`devproxy restore` does it while the driver starts) is the one used, and
+    // the restore is exact; one made for another file range is not used.
+    let (file, base, len) = super::image::LoadedImage::open(fast.path())
+        .unwrap()
+        .preload_source()
+        .unwrap();
+    let used = || super::direct::PRELOADS_USED.load(std::sync::atomic::Ordering::SeqCst);
+    let before_used = used();
+    assert!(super::direct::preload_restore(
+        &file,
+        base + 4096,
+        len - 4096
+    ));
+    let mut back = restore(&b, fast.path()).unwrap().state;
+    assert_eq!(
+        used(),
+        before_used,
+        "a preload of another range is not used"
+    );
+    assert_eq!(snapshot(&b, &back), before);
+    back.teardown();
+    assert!(super::direct::preload_restore(&file, base, len));
+    let mut back = restore(&b, fast.path()).unwrap().state;
+    assert_eq!(used(), before_used + 1, "the preloaded mapping is used");
+    assert_eq!(snapshot(&b, &back), before, "restored exactly from it");
+    back.teardown();
     // A damaged blob is refused on the direct path too, and nothing stays allocated.
     let free = b.mem_info().0;
     flip(&w.path, w.file_bytes - 1);
