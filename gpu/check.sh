@@ -3,8 +3,8 @@
 # Each step has its own timeout and prints PASS/FAIL with figures; everything native is measured in the same run.
 # Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
 #
-#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt
-#                              nccl nccl2
+#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch
+#                              torchckpt nccl nccl2
 #                              (default: all)
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
@@ -35,7 +35,7 @@ rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
-STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput nvidia torch torchckpt nccl nccl2"}
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
@@ -229,6 +229,20 @@ if want throughput; then
   done
   done
   unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT
+fi
+
+# ---- 7b. host memory bandwidth, no device (examples/hostmem.rs): read, memcpy, pread from tmpfs in 2 MiB slices with
+# and without CRC (the restore's pattern), copies and CRC from a mapping of the file, per thread count
+if want hostmem; then
+  timeout 120 "$B/hostmem" --gib 4 --dir "$W" >"$W/hostmem.out" 2>"$W/hostmem.err"
+  rc=$?
+  cat "$W/hostmem.out" "$W/hostmem.err" >>"$LOG"
+  while read -r l; do say "  $l"; done <"$W/hostmem.out"
+  if [ $rc = 0 ]; then
+    pass "hostmem: host memory bandwidth measured"
+  else
+    fail "hostmem: exit status $rc: $(tail -n1 "$W/hostmem.err")"
+  fi
 fi
 
 # ---- 8. NVIDIA's driver checkpoint on the same amounts
