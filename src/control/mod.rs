@@ -91,14 +91,19 @@ impl std::fmt::Display for Summary {
                 .collect();
             format!(" [{}]", v.join(", "))
         };
+        // Operations that do not pause the process (a restore: it waits anyway) say nothing of a pause.
+        let paused = if self.paused_seconds > 0.0 {
+            format!(", process paused {:.3} s", self.paused_seconds)
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "{}: {} in {:.3} s ({:.2} GB/s), process paused {:.3} s{over_pause}{}{phases}",
+            "{}: {} in {:.3} s ({:.2} GB/s){paused}{over_pause}{}{phases}",
             self.what,
             human_bytes(self.bytes),
             self.seconds,
             self.gbps(),
-            self.paused_seconds,
             if self.path.is_empty() {
                 String::new()
             } else {
