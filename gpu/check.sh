@@ -6,6 +6,10 @@
 #   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch
 #                              torchckpt nccl nccl2
 #                              (default: all)
+#   RESTORE_TRIALS="buffered direct mmap threads24 mmap+threads24"  the throughput step's restore drills of each image
+#                              (`restore --trial`) before the real restore: buffered (pread into page-locked buffers),
+#                              direct (DMA from the image's own pages), mmap (buffers filled from a mapping of the
+#                              image), threadsN (N copy workers); "" for none
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
 #                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1)
@@ -37,6 +41,7 @@ BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without 
 GIBS=${GIBS:-"1 16"}
 STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
+RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct mmap"}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
@@ -188,6 +193,21 @@ if want throughput; then
     [ "$gib" = 1 ] && c1=$(timeout 240 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-t" 2>>"$LOG")
     c2=$(timeout 240 "$B/devproxy" checkpoint --server "$S" --pid "$pid" --out "$W/img-t" --stop 2>>"$LOG")
     pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S"; sleep 0.3
+    # Restore drills of the same image first (`restore --trial`: rebuilt, CRCs checked, released; the process stays
+    # paused), one per way of reading it.
+    trials=()
+    for t in $RESTORE_TRIALS; do
+      e=()
+      for part in ${t//+/ }; do
+        case $part in
+          direct) e+=(DEVPROXY_IMAGE_DIRECT_RESTORE=1) ;;
+          mmap) e+=(DEVPROXY_RESTORE_READ=mmap) ;;
+          threads*) e+=(DEVPROXY_IO_THREADS=${part#threads}) ;;
+        esac
+      done
+      r=$(env "${e[@]}" timeout 120 "$B/devproxy" restore "$W/img-t" --backend "$BACKEND" --trial 2>>"$LOG" | grep -m1 'GB/s')
+      trials+=("  [$mode] ${gib} GiB trial restore ($t): ${r:-FAILED}")
+    done
     # RESTORE_DIRECT=1: the restore DMAs from the image's own page-locked pages instead of through buffers.
     ( [ "${RESTORE_DIRECT:-0}" = 1 ] && export DEVPROXY_IMAGE_DIRECT_RESTORE=1
       "$B/devproxy" restore "$W/img-t" --socket "$S" --backend "$BACKEND" >"$W/restore.log" 2>&1 & )
@@ -216,6 +236,7 @@ if want throughput; then
     say "  [$mode] ${gib} GiB checkpoint (running): $c1"
     say "  [$mode] ${gib} GiB checkpoint (--stop):  $c2"
     say "  [$mode] ${gib} GiB restore: $(grep -m1 'GB/s' "$W/restore.log")"
+    for l in "${trials[@]}"; do say "$l"; done
     say "  [$mode] ${gib} GiB migration: $mg"
     say "  [$mode] ${gib} GiB suspend: $sp"
     say "  [$mode] ${gib} GiB resume: $rs"

@@ -40,8 +40,15 @@ const CRC_SLICE: usize = 2 << 20;
 /// Progress is reported at most this often (bytes).
 const PROGRESS_STEP: u64 = 64 << 20;
 
-/// Writer (or reader) threads for positional sinks (sources): the cores, at least 2, at most 16.
+/// Writer (or reader) threads for positional sinks (sources): the cores, at least 2, at most 16;
+/// `DEVPROXY_IO_THREADS=N` sets it (1-64), e.g. to use more cores on a large host.
 fn workers() -> usize {
+    if let Some(n) = std::env::var("DEVPROXY_IO_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        return n.clamp(1, 64);
+    }
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -823,8 +830,16 @@ pub fn consume_blob(
                 _ => None,
             };
             let pinners = super::direct::pinners();
+            // `DEVPROXY_RESTORE_READ=mmap`: copied out of a mapping of a tmpfs image instead of `pread`.
+            let mapped = match &at.0 {
+                SrcKind::File { file, base } => super::direct::MappedBlob::open(file, *base, total),
+                SrcKind::Mem(_) => None,
+            };
             super::phases::mark("buffers");
-            let input = |off: u64, b: &mut [u8]| at.get_at(off, b);
+            let input = |off: u64, b: &mut [u8]| match &mapped {
+                Some(m) => m.read_at(off, b),
+                None => at.get_at(off, b),
+            };
             let r = consume_with(
                 regions,
                 &input,

@@ -538,6 +538,29 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     assert_eq!(used(), before_used + 1, "the preloaded mapping is used");
     assert_eq!(snapshot(&b, &back), before, "restored exactly from it");
     back.teardown();
+    // Buffered restores copying out of a mapping of the image (`DEVPROXY_RESTORE_READ=mmap`), preloaded or not.
+    super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(false));
+    super::direct::FORCE_MAPPED_READS.with(|f| f.set(true));
+    let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
+    let mut back = restore(&b, fast.path()).unwrap().state;
+    assert_eq!(snapshot(&b, &back), before, "mapped reads restore exactly");
+    back.teardown();
+    assert!(super::direct::preload_restore(&file, base, len));
+    let mut back = restore(&b, fast.path()).unwrap().state;
+    assert_eq!(
+        used(),
+        before_used + 2,
+        "mapped reads use the preloaded mapping"
+    );
+    assert_eq!(snapshot(&b, &back), before);
+    back.teardown();
+    assert_eq!(
+        super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst),
+        direct,
+        "buffered, not direct"
+    );
+    super::direct::FORCE_MAPPED_READS.with(|f| f.set(false));
+    super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(true));
     // A damaged blob is refused on the direct path too, and nothing stays allocated.
     let free = b.mem_info().0;
     flip(&w.path, w.file_bytes - 1);
