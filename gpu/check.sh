@@ -9,7 +9,8 @@
 #   RESTORE_TRIALS="buffered direct mmap threads24 mmap+threads24"  the throughput step's restore drills of each image
 #                              (`restore --trial`) before the real restore: buffered (pread into page-locked buffers),
 #                              direct (DMA from the image's own pages), mmap (buffers filled from a mapping of the
-#                              image), threadsN (N copy workers); "" for none
+#                              image), threadsN (N copy workers), chunkN (N MiB per worker read, so its buffer stays in
+#                              the CPU caches until the device reads it); "" for none
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
 #                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1)
@@ -41,7 +42,7 @@ BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without 
 GIBS=${GIBS:-"1 16"}
 STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
-RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct mmap"}
+RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct mmap chunk4 mmap+chunk4"}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
@@ -203,6 +204,7 @@ if want throughput; then
           direct) e+=(DEVPROXY_IMAGE_DIRECT_RESTORE=1) ;;
           mmap) e+=(DEVPROXY_RESTORE_READ=mmap) ;;
           threads*) e+=(DEVPROXY_IO_THREADS=${part#threads}) ;;
+          chunk*) e+=(DEVPROXY_RESTORE_CHUNK_MIB=${part#chunk}) ;;
         esac
       done
       r=$(env "${e[@]}" timeout 120 "$B/devproxy" restore "$W/img-t" --backend "$BACKEND" --trial 2>>"$LOG" | grep -m1 'GB/s')

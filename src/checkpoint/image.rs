@@ -467,13 +467,24 @@ struct Pool<'b> {
 }
 
 impl<'b> Pool<'b> {
-    /// Up to `want` buffers (at most [`MAX_BUFFERS`], no more than the blob has chunks): kept ones first, the rest
+    /// Up to `want` buffers (at most 64, no more than the blob has chunks): kept ones first, the rest
     /// made and page-locked on one thread each (faulting in fresh memory and pinning it are the slow part, and they
     /// scale with threads).
     fn new(total: u64, want: usize, backend: Option<&'b dyn Backend>) -> Pool<'b> {
-        let cap = BUF.min(total.max(1) as usize);
+        Pool::with_chunk(total, want, backend, BUF)
+    }
+
+    /// [`Pool::new`] with chunks of `chunk` bytes (only [`BUF`]-sized buffers are kept between operations).
+    fn with_chunk(
+        total: u64,
+        want: usize,
+        backend: Option<&'b dyn Backend>,
+        chunk: usize,
+    ) -> Pool<'b> {
+        let cap = chunk.min(BUF).min(total.max(1) as usize);
+        // More than MAX_BUFFERS only when asked for more workers (`DEVPROXY_IO_THREADS`); only MAX_BUFFERS are kept.
         let n = want
-            .clamp(1, MAX_BUFFERS)
+            .clamp(1, 64)
             .min(total.div_ceil(cap as u64).max(1) as usize);
         let mut bufs = Vec::with_capacity(n);
         if cap == BUF && keep_buffers() {
@@ -561,10 +572,30 @@ pub fn warm_buffers(n: usize) {
     KEPT.lock().extend(made);
 }
 
+/// Blob bytes a restore worker reads before writing them to the device: [`BUF`], or `DEVPROXY_RESTORE_CHUNK_MIB`
+/// (1-64). Small chunks keep each worker's buffer in the CPU's caches between its filling and the device's read of
+/// it (whether that spares memory bandwidth on a GPU host is for the GPU check's restore drills to show).
+fn restore_chunk() -> usize {
+    #[cfg(test)]
+    if let Some(c) = TEST_CHUNK.with(|c| c.get()) {
+        return c;
+    }
+    std::env::var("DEVPROXY_RESTORE_CHUNK_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(BUF, |m| m.clamp(1, 64) << 20)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set the restore chunk on their thread.
+    static TEST_CHUNK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 /// How many full-size buffers a restore of `total` blob bytes uses (see [`consume_blob`]; a blob smaller than one
 /// buffer gets a buffer of its own size, not a kept one).
 pub fn restore_buffers(total: u64) -> usize {
-    if total < BUF as u64 {
+    if total < BUF as u64 || restore_chunk() != BUF {
         return 0;
     }
     workers().min(total.div_ceil(BUF as u64) as usize)
@@ -821,7 +852,7 @@ pub fn consume_blob(
                 }
             }
             let n = workers();
-            let mut pool = Pool::new(total, n, pin_ref);
+            let mut pool = Pool::with_chunk(total, n, pin_ref, restore_chunk());
             // An image on tmpfs: with `DEVPROXY_RESTORE_PINNERS`, a few workers DMA chunks from its own pages (`direct`).
             let direct = match (pin_ref, &at.0) {
                 (Some(b), SrcKind::File { file, base }) => {
@@ -1450,6 +1481,13 @@ mod tests {
             "the file is consumed"
         );
         let (got, crc) = consume(&regions, &mut Stream(&blob)).unwrap();
+        assert!(got == blob && crc == want);
+        // Small restore chunks (`DEVPROXY_RESTORE_CHUNK_MIB`), not a divisor of the regions: the same bytes and CRC.
+        TEST_CHUNK.with(|c| c.set(Some((1 << 20) + 4096)));
+        let mut f = File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(4)).unwrap();
+        let (got, crc) = consume(&regions, &mut f).unwrap();
+        TEST_CHUNK.with(|c| c.set(None));
         assert!(got == blob && crc == want);
 
         // Truncated sources fail, whichever kind.
