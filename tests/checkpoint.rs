@@ -461,6 +461,12 @@ fn suspend_frees_the_device_and_resume_continues() {
     assert_eq!(run.stdout(), at, "the process ran on while suspended");
     let s = env.ok(&["resume", "--server", a.to_str().unwrap(), "--pid", &pid]);
     assert!(s.contains("resume of pid"), "{s}");
+    // The memory file stayed page-locked: the device reads it in place (no copy through buffers).
+    assert_eq!(
+        s.contains("from page-locked memory"),
+        direct,
+        "resumed from the memory file in place only where it exists: {s}"
+    );
     assert!(sessions(&a)[0].device_bytes > 0);
     assert_eq!(run.finish(), want);
 }

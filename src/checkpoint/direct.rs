@@ -586,9 +586,10 @@ impl BlobFd {
         len <= self.map.len as u64
     }
 
-    /// Copies the blob in (see [`fill_mapped`]); the mapping stays page-locked until [`BlobFd::let_go`] or
-    /// [`BlobFd::into_file`] (a migration lets go once the target has read the blob: on the H100 host, unlocking 16 GiB
-    /// while the target read the same pages made the target's restore 2.8 times slower).
+    /// Copies the blob in (see [`fill_mapped`]); the mapping stays page-locked until [`BlobFd::let_go`] or the drop
+    /// (a migration lets go once the target has read the blob: on the H100 host, unlocking 16 GiB while the target
+    /// read the same pages made the target's restore 2.8 times slower; a suspension keeps it locked for the resume's
+    /// [`BlobFd::drain`]).
     pub fn fill(
         &mut self,
         regions: &[Region],
@@ -613,6 +614,36 @@ impl BlobFd {
         Ok(crc)
     }
 
+    /// Hands the blob of `regions` (filled by [`BlobFd::fill`]) to `apply` straight from the page-locked pages (the
+    /// device reads them by DMA), CRC threads alongside: a resume after a suspend needs no copy and no page-locking.
+    /// Returns the blob's CRC.
+    pub fn drain(
+        &self,
+        regions: &[Region],
+        apply: &Apply<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u32, CheckpointError> {
+        let blob_len: u64 = regions.iter().map(|r| r.bytes).sum();
+        if !self.fits(blob_len) {
+            return Err(CheckpointError::Pipeline(
+                "the blob is larger than its memory file".into(),
+            ));
+        }
+        let writing = std::cell::Cell::new(0.0);
+        let crc = apply_mapped(
+            &self.map,
+            0,
+            blob_len as usize,
+            regions,
+            apply,
+            progress,
+            &|_| {},
+            &writing,
+        )?;
+        super::phases::add("(from page-locked memory: device writes)", writing.get());
+        Ok(crc)
+    }
+
     /// Lets go of the mapping on a thread of its own (the file, and its pages, go when the last descriptor does).
     pub fn let_go(mut self) {
         self.map.release_in_background(&self.backend);
@@ -622,13 +653,38 @@ impl BlobFd {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
 
-    /// The memory file, the mapping let go of (a suspended session's memory waits in it).
-    pub fn into_file(mut self) -> std::io::Result<File> {
-        self.map.release_in_background(&self.backend);
-        self.file.try_clone()
+/// A [`BlobFd`] read as a blob source: restores hand its page-locked pages to the device in place
+/// ([`BlobFd::drain`]); read as a stream (without a backend) it reads the memory file from its start.
+pub struct LockedSource<'a> {
+    fd: &'a BlobFd,
+    pos: u64,
+}
+
+impl<'a> LockedSource<'a> {
+    pub fn new(fd: &'a BlobFd) -> LockedSource<'a> {
+        LockedSource { fd, pos: 0 }
     }
 }
+
+impl std::io::Read for LockedSource<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.fd.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl super::image::BlobSource for LockedSource<'_> {
+    fn locked(&mut self) -> Option<&BlobFd> {
+        Some(self.fd)
+    }
+}
+
+// SAFETY: shared references only read the mapping (`drain`, `file`, `fits`); filling it takes `&mut self`.
+unsafe impl Sync for BlobFd {}
 
 impl Drop for BlobFd {
     fn drop(&mut self) {
@@ -913,7 +969,6 @@ pub fn consume_mapped(
     let status: Vec<AtomicU8> = spans.iter().map(|_| AtomicU8::new(PENDING)).collect();
     let (lock, cv) = (parking_lot::Mutex::new(()), parking_lot::Condvar::new());
     let next = AtomicUsize::new(0);
-    let starts = region_starts(regions);
     // Seconds the copy loop waited for a span's page-locking, and spent in device writes.
     let (waited, writing) = (std::cell::Cell::new(0.0f64), std::cell::Cell::new(0.0f64));
     let r = std::thread::scope(|s| {
@@ -937,24 +992,9 @@ pub fn consume_mapped(
             }
             waited.set(waited.get() + t.elapsed().as_secs_f64());
         };
-        crc_alongside(&map, lead, blob_len, false, |_| {
-            let mut region = 0;
-            pieces(lead, blob_len, |pos, n| {
-                wait_for((lead + pos) / SPAN);
-                let (i, off) =
-                    locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
-                        CheckpointError::Pipeline("blob position past the regions".into())
-                    })?;
-                let n = n.min((regions[i].bytes - off) as usize);
-                // SAFETY: inside the blob's range of the mapping; only read here and by the CRC threads.
-                let src: &[u8] = unsafe { map.slice_mut(lead + pos, n) };
-                let t = Instant::now();
-                apply(i, &regions[i], off, src)?;
-                writing.set(writing.get() + t.elapsed().as_secs_f64());
-                progress((pos + n) as u64, total);
-                Ok(n)
-            })
-        })
+        apply_mapped(
+            &map, lead, blob_len, regions, apply, progress, &wait_for, &writing,
+        )
     });
     let refused = status.iter().filter(|s| s.load(Relaxed) == REFUSED).count();
     map.registered = spans
@@ -981,6 +1021,41 @@ pub fn consume_mapped(
         DIRECT_RESTORES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     r.map(Some)
+}
+
+/// Hands the blob (`blob_len` bytes at `lead` in `map`) to `apply` piece by piece, in blob order on this thread (by
+/// DMA where the piece's span is page-locked), while CRC threads checksum it; `wait_span(k)` runs before the first
+/// piece of span `k`, and `writing` sums the seconds spent in `apply`. Returns the blob's CRC.
+#[allow(clippy::too_many_arguments)]
+fn apply_mapped(
+    map: &PinnedMap,
+    lead: usize,
+    blob_len: usize,
+    regions: &[Region],
+    apply: &Apply<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+    wait_span: &dyn Fn(usize),
+    writing: &std::cell::Cell<f64>,
+) -> Result<u32, CheckpointError> {
+    let starts = region_starts(regions);
+    let total = blob_len as u64;
+    crc_alongside(map, lead, blob_len, false, |_| {
+        let mut region = 0;
+        pieces(lead, blob_len, |pos, n| {
+            wait_span((lead + pos) / SPAN);
+            let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
+                CheckpointError::Pipeline("blob position past the regions".into())
+            })?;
+            let n = n.min((regions[i].bytes - off) as usize);
+            // SAFETY: inside the blob's range of the mapping; only read here and by the CRC threads.
+            let src: &[u8] = unsafe { map.slice_mut(lead + pos, n) };
+            let t = Instant::now();
+            apply(i, &regions[i], off, src)?;
+            writing.set(writing.get() + t.elapsed().as_secs_f64());
+            progress((pos + n) as u64, total);
+            Ok(n)
+        })
+    })
 }
 
 /// Workers of a buffered restore that also take chunks of a tmpfs image by DMA from the file's own pages
@@ -1110,6 +1185,76 @@ mod chunk_tests {
     use crate::backend::emulated::EmulatedBackend;
     use crate::backend::BackendOptions;
     use std::io::Write;
+
+    /// A suspended session's memory file: filled, then drained in place to the device (with a backend), or read as
+    /// a stream (without one); the same bytes and CRC either way.
+    #[test]
+    fn blob_fd_drains_what_it_was_filled_with() {
+        use super::super::image::consume_blob;
+        use super::super::manifest::RegionKind;
+        let b: Arc<dyn Backend> = Arc::new(
+            EmulatedBackend::new_for_tests(&BackendOptions {
+                arena_bytes: 64 << 20,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let regions: Vec<Region> = [(3 << 20) + 5, 0, 1234]
+            .iter()
+            .map(|&bytes| Region {
+                session: 0,
+                kind: RegionKind::Allocation,
+                addr: 0,
+                bytes,
+            })
+            .collect();
+        let total: u64 = regions.iter().map(|r| r.bytes).sum();
+        let starts = region_starts(&regions);
+        let byte =
+            |i: usize, off: u64| (starts[i] + off).wrapping_mul(31).wrapping_add(off / 4096) as u8;
+        let Some(mut fd) = BlobFd::new(planned_len(total, 0), &b) else {
+            return; // no memfd or too little memory here
+        };
+        let mut fill = |i: usize, _: &Region, off: u64, dst: &mut [u8]| {
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d = byte(i, off + k as u64);
+            }
+            Ok(())
+        };
+        let crc = fd.fill(&regions, &mut fill, &mut |_, _| {}).unwrap();
+        let want: Vec<u8> = (0..regions.len())
+            .flat_map(|i| (0..regions[i].bytes).map(move |o| (i, o)))
+            .map(|(i, o)| byte(i, o))
+            .collect();
+        assert_eq!(crc, crc32fast::hash(&want));
+        for pin in [Some(&b), None] {
+            super::super::phases::start();
+            let got = parking_lot::Mutex::new(vec![0u8; total as usize]);
+            let apply = |i: usize, _: &Region, off: u64, src: &[u8]| {
+                let at = (starts[i] + off) as usize;
+                got.lock()[at..at + src.len()].copy_from_slice(src);
+                Ok(())
+            };
+            let c = consume_blob(
+                &regions,
+                &mut LockedSource::new(&fd),
+                &apply,
+                &mut |_, _| {},
+                pin,
+            )
+            .unwrap();
+            assert_eq!(c, crc, "with a backend: {}", pin.is_some());
+            assert!(got.into_inner() == want);
+            let in_place = super::super::phases::take()
+                .iter()
+                .any(|(n, _)| n.contains("from page-locked memory"));
+            assert_eq!(
+                in_place,
+                pin.is_some(),
+                "drained in place with a backend only"
+            );
+        }
+    }
 
     /// A blob at an unaligned offset of a tmpfs file, taken chunk by chunk: every byte arrives once, in order within
     /// the chunk, with the whole pages in one piece starting on a page boundary, and the CRC is the chunk's.

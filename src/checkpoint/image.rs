@@ -372,6 +372,11 @@ impl BlobSink for MemSink {
 /// Where blob bytes come from. Read in blob order by one reader thread; sources that can be read at offsets from
 /// several threads say so with [`BlobSource::positional`].
 pub trait BlobSource: Read + Send {
+    /// The page-locked memory file that holds the whole blob, if the source is one (a suspended session's memory):
+    /// the device reads it in place ([`super::direct::BlobFd::drain`]).
+    fn locked(&mut self) -> Option<&super::direct::BlobFd> {
+        None
+    }
     /// A view of the next `len` bytes readable at offsets from several threads, if the source has one; the source
     /// then counts as having consumed them (a trailer after the blob is read next). Only this module can make one.
     fn positional(&mut self, len: u64) -> Option<PositionalSource<'_>> {
@@ -840,6 +845,13 @@ pub fn consume_blob(
 ) -> Result<u32, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
     let pin_ref = pin.map(|b| b.as_ref());
+    if pin.is_some() {
+        if let Some(fd) = source.locked() {
+            let crc = fd.drain(regions, apply, progress)?;
+            super::phases::mark("copy");
+            return Ok(crc);
+        }
+    }
     match source.positional(total) {
         Some(at) => {
             // An image on tmpfs restores by DMA straight from the file's pages (see `direct`).

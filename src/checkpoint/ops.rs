@@ -333,10 +333,11 @@ struct Suspended {
     crc: u32,
 }
 
-/// Where a suspended session's memory waits: a page-locked memory file filled by DMA (see `direct::BlobFd`), or a
-/// plain buffer where that is not possible.
+/// Where a suspended session's memory waits: a page-locked memory file filled by DMA (see `direct::BlobFd`), kept
+/// page-locked so that the resume's device reads it in place (no copy, no locking again), or a plain buffer where
+/// that is not possible.
 enum SuspendedBlob {
-    File(std::fs::File),
+    Locked(BlobFd),
     Mem(Vec<u8>),
 }
 
@@ -1101,10 +1102,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
                 Some(mut fd) => {
                     let mut fill = filler(&backend, &cap);
                     let crc = fd.fill(&cap.manifest.regions, &mut fill, &mut |_, _| {})?;
-                    let file = fd.into_file().map_err(|e| {
-                        CheckpointError::Pipeline(format!("keeping the memory file: {e}"))
-                    })?;
-                    (SuspendedBlob::File(file), crc)
+                    (SuspendedBlob::Locked(fd), crc)
                 }
                 None => {
                     let (blob, crc) = blob_to_memory(&backend, &cap)?;
@@ -1133,7 +1131,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
     let bytes = s.manifest.blob_len();
     let held_in = match s.blob {
-        SuspendedBlob::File(_) => "a page-locked memory file",
+        SuspendedBlob::Locked(_) => "a page-locked memory file",
         SuspendedBlob::Mem(_) => "a buffer",
     };
     suspended().lock().insert(key(server, sh.id), s);
@@ -1209,13 +1207,7 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
         };
         let r = match &s.blob {
             SuspendedBlob::Mem(blob) => restore_from(&mut &blob[..]),
-            SuspendedBlob::File(f) => {
-                use std::io::Seek;
-                f.try_clone()
-                    .and_then(|mut src| src.rewind().map(|()| src))
-                    .map_err(|e| CheckpointError::Pipeline(format!("{what}: {e}")))
-                    .and_then(|mut src| restore_from(&mut src))
-            }
+            SuspendedBlob::Locked(fd) => restore_from(&mut direct::LockedSource::new(fd)),
         };
         let r = match r {
             Ok(mut rebuilt) => {
@@ -1223,6 +1215,10 @@ fn resume(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String>
                 *st = rebuilt.state;
                 sh2.device_bytes.store(st.device_bytes(), Ordering::Relaxed);
                 super::phases::mark("page-lock staging");
+                // The memory file's pages are let go of on a thread of their own, after the resume.
+                if let SuspendedBlob::Locked(fd) = s.blob {
+                    fd.let_go();
+                }
                 Ok((rebuilt.bytes, super::phases::take()))
             }
             Err(e) => Err((e, s)),
