@@ -424,11 +424,35 @@ fn live_migration_gives_identical_output_and_refuses_another_device_size() {
         assert!(s.contains("blob streamed"), "{s}");
     } else {
         assert!(s.contains("memory file"), "{s}");
+        // The target page-locked it before the barrier and restored from it in place.
+        assert!(s.contains("page-locked by the target in advance"), "{s}");
+        assert!(s.contains("target page-locks"), "{s}");
+        assert!(
+            s.contains("target: (from page-locked memory"),
+            "the target's device read the file in place: {s}"
+        );
     }
     assert!(
         sessions(&a).is_empty(),
         "the source still holds the session"
     );
+    // On to a target that will not page-lock the memory file (its direct path is off): it says so, the source goes
+    // on over a new connection, and the target reads the file through its buffers.
+    let d = env.path("d.sock");
+    env.serve(&d, &[], &[("DEVPROXY_IMAGE_DIRECT", "0")]);
+    let (b_s, d_s) = (b.to_str().unwrap(), d.to_str().unwrap());
+    wait_until(Duration::from_secs(30), "the process to re-attach", || {
+        sessions(&b).iter().any(|r| r.state == "running")
+    });
+    let s = env.ok(&["migrate", "--server", b_s, "--pid", &pid, "--to", d_s]);
+    assert!(s.contains("migration of pid"), "{s}");
+    if std::env::var("DEVPROXY_IMAGE_DIRECT").as_deref() != Ok("0") {
+        assert!(
+            s.contains("memory file") && !s.contains("in advance"),
+            "{s}"
+        );
+    }
+    assert!(sessions(&b).is_empty());
     assert_eq!(run.finish(), want);
 }
 

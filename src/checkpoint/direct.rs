@@ -581,6 +581,47 @@ impl BlobFd {
         Some(b)
     }
 
+    /// The other end of a same-host migration: the source's memory file (received over the control socket), mapped
+    /// and page-locked in this process too, while the process still runs on the source, so that the blob the
+    /// source puts in it later goes to this server's device in place ([`BlobFd::drain`]). `len`: the bytes the
+    /// source made ready. `None` where it cannot be mapped or locked here (the migration then reads the file through
+    /// buffers).
+    pub fn adopt(file: File, len: u64, backend: &Arc<dyn Backend>) -> Option<BlobFd> {
+        let size = usize::try_from(len).ok().filter(|&n| n > 0)?;
+        if !enabled() || file.metadata().ok()?.len() < len {
+            return None;
+        }
+        let map = PinnedMap::new(&file, 0, size)?;
+        let mut b = BlobFd {
+            file,
+            map,
+            backend: backend.clone(),
+        };
+        if let Err(e) = b.map.populate() {
+            tracing::info!("migration target: mapping the source's memory file: {e}");
+            return None;
+        }
+        if let Err(e) = b.map.register(backend.as_ref()) {
+            tracing::info!("migration target: page-locking the source's memory file: {e}");
+            return None;
+        }
+        Some(b)
+    }
+
+    /// Bytes the memory file holds (the most a blob may have).
+    pub fn capacity(&self) -> u64 {
+        self.map.len as u64
+    }
+
+    /// Whether `f` is this memory file (the same inode).
+    pub fn is_file(&self, f: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), f.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
     /// Whether a blob of `len` bytes fits.
     pub fn fits(&self, len: u64) -> bool {
         len <= self.map.len as u64

@@ -116,6 +116,17 @@ pub fn control(
     ops::control(server, conn, req, send)
 }
 
+/// Target side of a same-host migration's first step (`ControlRequest::AdoptPrelock`, the memory file in `fds`).
+pub fn adopt_prelocked(
+    server: &Arc<Server>,
+    conn: &UnixStream,
+    len: u64,
+    fds: Vec<std::os::fd::OwnedFd>,
+    send: &dyn Fn(&crate::control::ControlReply) -> Result<(), String>,
+) -> Result<(), String> {
+    ops::adopt_prelocked(server, conn, len, fds, send)
+}
+
 /// `devproxy restore DIR` (`trial`: `--trial`, rebuild, report and release without serving).
 pub fn restore_cmd(
     dir: &std::path::Path,

@@ -760,6 +760,27 @@ struct FrameReader<'a> {
     pos: usize,
     blob_fd: bool,
     file: Option<std::fs::File>,
+    /// The source's memory file, page-locked here before the barrier (`adopt_prelocked`).
+    prelocked: Option<BlobFd>,
+}
+
+impl FrameReader<'_> {
+    /// For a blob in a memory file: takes the frame that brings the blob CRC and the file's descriptor (once).
+    fn take_fd_frame(&mut self) -> Option<()> {
+        if self.file.is_some() {
+            return Some(());
+        }
+        if !self.blob_fd || self.pos != self.buf.len() {
+            return None;
+        }
+        let (crc, fds) = socket::recv_msg(self.conn, MAX_FRAME).ok()?;
+        let fd = fds.into_iter().next()?;
+        // The CRC is what a reader takes next, after the blob.
+        self.buf = crc;
+        self.pos = 0;
+        self.file = Some(std::fs::File::from(fd));
+        Some(())
+    }
 }
 
 impl Read for FrameReader<'_> {
@@ -779,16 +800,16 @@ impl Read for FrameReader<'_> {
 /// Read in order, by one reader; or, for a blob in a memory file, at offsets in that file.
 impl BlobSource for FrameReader<'_> {
     fn positional(&mut self, len: u64) -> Option<image::PositionalSource<'_>> {
-        if !self.blob_fd || self.pos != self.buf.len() {
-            return None;
-        }
-        let (crc, fds) = socket::recv_msg(self.conn, MAX_FRAME).ok()?;
-        let fd = fds.into_iter().next()?;
-        // The CRC is what a reader takes next, after the blob.
-        self.buf = crc;
-        self.pos = 0;
-        self.file = Some(std::fs::File::from(fd));
+        self.take_fd_frame()?;
         BlobSource::positional(self.file.as_mut()?, len)
+    }
+
+    /// The prelocked memory file, once the source said the blob is in it (and it is the same file).
+    fn locked(&mut self) -> Option<&BlobFd> {
+        self.prelocked.as_ref()?;
+        self.take_fd_frame()?;
+        let (fd, file) = (self.prelocked.as_ref()?, self.file.as_ref()?);
+        fd.is_file(file).then_some(fd)
     }
 }
 
@@ -903,12 +924,15 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
         return Err(format!("pid {pid} already lives at {}", to.display()));
     }
     let ctl_path = crate::server::control_path(to);
-    let conn = UnixStream::connect(&ctl_path).map_err(|e| {
-        format!(
-            "cannot reach the target server's control socket {}: {e}",
-            ctl_path.display()
-        )
-    })?;
+    let connect = || {
+        UnixStream::connect(&ctl_path).map_err(|e| {
+            format!(
+                "cannot reach the target server's control socket {}: {e}",
+                ctl_path.display()
+            )
+        })
+    };
+    let mut conn = connect()?;
     let was_paused = sh.phase() == Phase::Paused;
     if let Some(why) = crate::nccl::restore::migration_refusal(&sh, was_paused)? {
         return Err(format!(
@@ -926,16 +950,29 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
         &server.backend,
     );
     super::phases::mark("prepare");
+    // The target page-locks the memory file too, while the process still runs here, so that after the barrier its
+    // device reads the blob in place. A target that cannot (or an older devproxy) has closed the connection: the
+    // migration goes on over a new one and the target reads the file through buffers.
+    let mut prelocked = false;
+    if let Some(fd) = blob_fd.as_ref() {
+        match prelock(&conn, fd) {
+            Ok(()) => prelocked = true,
+            Err(e) => {
+                tracing::info!("migration: the target did not page-lock the memory file ({e})");
+                conn = connect()?;
+            }
+        }
+        super::phases::mark("target page-locks");
+    }
     let (mut cap, barrier_at) = barrier_and_capture(server, &sh)?;
     super::phases::mark("barrier");
     // (stream_to uses the memory file when the blob fits it)
-    let how = if blob_fd
-        .as_ref()
-        .is_some_and(|f| f.fits(cap.manifest.blob_len()))
-    {
-        "blob handed over in a memory file"
-    } else {
-        "blob streamed"
+    let how = match blob_fd.as_ref() {
+        Some(f) if f.fits(cap.manifest.blob_len()) && prelocked => {
+            "blob handed over in a memory file, page-locked by the target in advance"
+        }
+        Some(f) if f.fits(cap.manifest.blob_len()) => "blob handed over in a memory file",
+        _ => "blob streamed",
     };
     let to_s = to.display().to_string();
     // From now on the process polls the target's socket.
@@ -945,7 +982,7 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
         .and_then(|s| crate::nccl::restore::hand_over(&sh, to).map(|()| s));
     super::phases::mark("send");
     match moved {
-        Ok(_) => {
+        Ok(adopted) => {
             let sh2 = sh.clone();
             let note = to_s.clone();
             sh.run_job(move |_st, _seg| {
@@ -964,12 +1001,20 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
                 std::thread::sleep(Duration::from_millis(2));
             }
             super::phases::mark("target takes over");
+            // Then where the target's part of "send" went.
+            let mut phases = super::phases::take();
+            phases.extend(
+                adopted
+                    .phases
+                    .into_iter()
+                    .map(|(n, t)| (format!("target: {n}"), t)),
+            );
             send(&ControlReply::Done(Summary {
                 what: format!("migration of pid {pid} to {to_s} ({how})"),
                 bytes: cap.manifest.blob_len(),
                 seconds,
                 paused_seconds: barrier_at.elapsed().as_secs_f64(),
-                phases: super::phases::take(),
+                phases,
                 path: to_s,
             }))
         }
@@ -985,6 +1030,22 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
     }
 }
 
+/// Asks the target to page-lock the memory file `fd` (its descriptor goes with the request); `Ok` once it has.
+fn prelock(conn: &UnixStream, fd: &BlobFd) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    socket::send_msg(
+        conn,
+        &protocol::encode(&ControlRequest::AdoptPrelock { len: fd.capacity() }),
+        &[fd.file().as_fd()],
+    )
+    .map_err(|e| e.to_string())?;
+    match recv_reply(conn)? {
+        ControlReply::Ok(_) => Ok(()),
+        ControlReply::Err(e) => Err(e),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
 /// Whether session `id` still waits for its process at the server `to`.
 fn waiting_on(to: &Path, id: u64) -> bool {
     match crate::control::request(to, &ControlRequest::Ps, &mut |_, _| {}) {
@@ -995,12 +1056,51 @@ fn waiting_on(to: &Path, id: u64) -> bool {
     }
 }
 
+/// Target side of a same-host migration's first step: the source's memory file is page-locked here while the
+/// process still runs on the source; the `Adopt` that follows on this connection restores from it in place.
+pub fn adopt_prelocked(
+    server: &Arc<Server>,
+    conn: &UnixStream,
+    len: u64,
+    fds: Vec<std::os::fd::OwnedFd>,
+    send: Reply<'_>,
+) -> Result<(), String> {
+    let fd = fds
+        .into_iter()
+        .next()
+        .ok_or("a page-locking request without a memory file")?;
+    let t0 = Instant::now();
+    let locked = BlobFd::adopt(std::fs::File::from(fd), len, &server.backend)
+        .ok_or("the memory file could not be page-locked here")?;
+    let secs = t0.elapsed().as_secs_f64();
+    send(&ControlReply::Ok(format!("page-locked in {secs:.3} s")))?;
+    let (b, _) = socket::recv_msg(conn, MAX_FRAME)
+        .map_err(|e| format!("the source left after page-locking: {e}"))?;
+    match protocol::decode::<ControlRequest>(&b).map_err(|e| e.to_string())? {
+        ControlRequest::Adopt { image } => adopt_with(server, conn, &image, send, Some(locked)),
+        other => Err(format!(
+            "expected the session after page-locking, got {other:?}"
+        )),
+    }
+}
+
 /// Target side of a migration.
 fn adopt(
     server: &Arc<Server>,
     conn: &UnixStream,
     first: &[u8],
     send: Reply<'_>,
+) -> Result<(), String> {
+    adopt_with(server, conn, first, send, None)
+}
+
+/// [`adopt`], with the source's memory file already page-locked here (`adopt_prelocked`).
+fn adopt_with(
+    server: &Arc<Server>,
+    conn: &UnixStream,
+    first: &[u8],
+    send: Reply<'_>,
+    prelocked: Option<BlobFd>,
 ) -> Result<(), String> {
     let what = "migration stream";
     let t0 = Instant::now();
@@ -1017,6 +1117,7 @@ fn adopt(
         pos: 0,
         blob_fd: header.flags & FLAG_BLOB_IN_FD != 0,
         file: None,
+        prelocked,
     };
     let mut m = vec![0u8; header.manifest_len as usize];
     rd.read_exact(&mut m)
@@ -1051,7 +1152,12 @@ fn adopt(
         &mut || send(&ControlReply::Ok("ready".into())).map_err(CheckpointError::Pipeline),
         &mut |_, _| {},
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string());
+    // The prelocked pages are let go of on a thread of their own (the blob is on the device, or was refused).
+    if let Some(fd) = rd.prelocked.take() {
+        fd.let_go();
+    }
+    let rebuilt = rebuilt?;
     let bytes = rebuilt.bytes;
     add_pending(server, s, rebuilt).map_err(|e| e.to_string())?;
     tracing::info!(

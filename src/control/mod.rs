@@ -33,6 +33,10 @@ pub enum ControlRequest {
     Shutdown,
     /// NCCL jobs: status and the job-wide barrier (`crate::nccl::barrier`).
     Job(crate::nccl::barrier::JobRequest),
+    /// A same-host migration's first step, before the barrier: the source's memory file of `len` bytes comes with
+    /// the request (its descriptor); the target page-locks it, answers, and the `Adopt` follows on the same
+    /// connection (see `checkpoint::direct::BlobFd::adopt`).
+    AdoptPrelock { len: u64 },
 }
 
 /// One row of `devproxy ps`.
@@ -178,9 +182,12 @@ fn handle(server: &Arc<Server>, conn: &UnixStream) -> Result<(), String> {
     if uid != me && uid != 0 {
         return Err(format!("uid {uid} may not control this server"));
     }
-    let (bytes, _) = socket::recv_msg(conn, MAX_CONTROL_MSG).map_err(|e| e.to_string())?;
+    let (bytes, fds) = socket::recv_msg(conn, MAX_CONTROL_MSG).map_err(|e| e.to_string())?;
     let req: ControlRequest = protocol::decode(&bytes).map_err(|e| e.to_string())?;
     match req {
+        ControlRequest::AdoptPrelock { len } => {
+            crate::checkpoint::adopt_prelocked(server, conn, len, fds, &|r| send(conn, r))
+        }
         ControlRequest::Ps => {
             let mut sessions: Vec<SessionRow> = server
                 .sessions
