@@ -13,7 +13,8 @@
 #                              the CPU caches until the device reads it); "" for none
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
-#                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1)
+#                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1),
+#                              crcafter (direct, the checkpoint's CRC after the device's copy: DEVPROXY_CRC_AFTER_COPY=1)
 set -u
 cd "$(dirname "$0")/.."
 B=${GPU_BIN:-$PWD/.gpu}
@@ -179,10 +180,11 @@ if want throughput; then
   for gib in $GIBS; do
     cleanup_servers
     S="$DEVPROXY_RUNTIME_DIR/t.sock"
-    unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT
+    unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT DEVPROXY_CRC_AFTER_COPY
     case $mode in
       buffered) export DEVPROXY_IMAGE_DIRECT=0 ;;
       mmap) export DEVPROXY_IMAGE_DIRECT=0 DEVPROXY_IMAGE_MMAP=1 ;;
+      crcafter) export DEVPROXY_CRC_AFTER_COPY=1 ;;
     esac
     serve "$S"
     rm -f "$W/go"
@@ -251,7 +253,7 @@ if want throughput; then
     cleanup_servers
   done
   done
-  unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT
+  unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT DEVPROXY_CRC_AFTER_COPY
 fi
 
 # ---- 7b. host memory bandwidth, no device (examples/hostmem.rs): read, memcpy, pread from tmpfs in 2 MiB slices with

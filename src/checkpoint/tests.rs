@@ -490,6 +490,24 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         "images differ from byte {first:?} after the header"
     );
     assert_eq!(tmp_files(), 1, "only the final image is left");
+    // With the CRC deferred until the device's copy is complete (`DEVPROXY_CRC_AFTER_COPY=1`): the same image.
+    let later = tempfile::tempdir_in(shm).unwrap();
+    let prep = Prepared::new(later.path(), planned, &b).unwrap().unwrap();
+    super::direct::FORCE_CRC_AFTER_COPY.with(|f| f.set(true));
+    let w2 = super::ops::checkpoint_to_dir(
+        &b,
+        &cap,
+        later.path(),
+        true,
+        Some(prep),
+        &mut || {},
+        &mut |_, _| {},
+    );
+    super::direct::FORCE_CRC_AFTER_COPY.with(|f| f.set(false));
+    let p2 = std::fs::read(&w2.unwrap().path).unwrap();
+    let h2 = super::format::Header::decode(&p2, Some(p2.len() as u64), "p2").unwrap();
+    assert_eq!(h2.blob_crc, ha.blob_crc, "deferred CRC");
+    assert!(p2[h..] == a[h..], "deferred CRC: the same bytes");
     // The image restores.
     let before = snapshot(&b, &st);
     st.teardown();
