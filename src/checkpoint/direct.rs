@@ -579,6 +579,12 @@ impl BlobFd {
         // SAFETY: a fresh descriptor we own.
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         file.set_len(len).ok()?;
+        BlobFd::lock(file, size, backend, "migration streams its blob")
+    }
+
+    /// Maps `size` bytes of the memory file, faults them in and page-locks them; `None` (said with `why`) where
+    /// that fails.
+    fn lock(file: File, size: usize, backend: &Arc<dyn Backend>, why: &str) -> Option<BlobFd> {
         let map = PinnedMap::new(&file, 0, size)?;
         let mut b = BlobFd {
             file,
@@ -586,11 +592,11 @@ impl BlobFd {
             backend: backend.clone(),
         };
         if let Err(e) = b.map.populate() {
-            tracing::info!("migration streams its blob: faulting in a memory file: {e}");
+            tracing::info!("{why}: faulting in a memory file: {e}");
             return None;
         }
         if let Err(e) = b.map.register(backend.as_ref()) {
-            tracing::info!("migration streams its blob: page-locking a memory file: {e}");
+            tracing::info!("{why}: page-locking a memory file: {e}");
             return None;
         }
         Some(b)
@@ -606,21 +612,7 @@ impl BlobFd {
         if !enabled() || file.metadata().ok()?.len() < len {
             return None;
         }
-        let map = PinnedMap::new(&file, 0, size)?;
-        let mut b = BlobFd {
-            file,
-            map,
-            backend: backend.clone(),
-        };
-        if let Err(e) = b.map.populate() {
-            tracing::info!("migration target: mapping the source's memory file: {e}");
-            return None;
-        }
-        if let Err(e) = b.map.register(backend.as_ref()) {
-            tracing::info!("migration target: page-locking the source's memory file: {e}");
-            return None;
-        }
-        Some(b)
+        BlobFd::lock(file, size, backend, "migration target")
     }
 
     /// Bytes the memory file holds (the most a blob may have).
@@ -635,6 +627,17 @@ impl BlobFd {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             _ => false,
         }
+    }
+
+    /// The blob length of `regions`, if it fits.
+    fn blob_len(&self, regions: &[Region]) -> Result<u64, CheckpointError> {
+        let len: u64 = regions.iter().map(|r| r.bytes).sum();
+        if !self.fits(len) {
+            return Err(CheckpointError::Pipeline(
+                "the blob is larger than its memory file".into(),
+            ));
+        }
+        Ok(len)
     }
 
     /// Whether a blob of `len` bytes fits.
@@ -652,12 +655,7 @@ impl BlobFd {
         fill: &mut Fill<'_>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u32, CheckpointError> {
-        let blob_len: u64 = regions.iter().map(|r| r.bytes).sum();
-        if !self.fits(blob_len) {
-            return Err(CheckpointError::Pipeline(
-                "the blob outgrew its memory file".into(),
-            ));
-        }
+        let blob_len = self.blob_len(regions)?;
         let crc = fill_mapped(
             &self.map,
             0,
@@ -680,12 +678,7 @@ impl BlobFd {
         apply: &Apply<'_>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u32, CheckpointError> {
-        let blob_len: u64 = regions.iter().map(|r| r.bytes).sum();
-        if !self.fits(blob_len) {
-            return Err(CheckpointError::Pipeline(
-                "the blob is larger than its memory file".into(),
-            ));
-        }
+        let blob_len = self.blob_len(regions)?;
         let writing = std::cell::Cell::new(0.0);
         let crc = apply_mapped(
             &self.map,

@@ -1265,16 +1265,18 @@ impl LoadedImage {
         })
     }
 
+    /// Another descriptor of the image file.
+    fn file_again(&self) -> Result<File, CheckpointError> {
+        self.file.try_clone().map_err(|source| CheckpointError::Io {
+            path: self.path.display().to_string(),
+            what: "opening the blob",
+            source,
+        })
+    }
+
     /// A reader positioned at the blob.
     pub fn blob_reader(&self) -> Result<File, CheckpointError> {
-        let mut f = self
-            .file
-            .try_clone()
-            .map_err(|source| CheckpointError::Io {
-                path: self.path.display().to_string(),
-                what: "opening the blob",
-                source,
-            })?;
+        let mut f = self.file_again()?;
         f.seek(SeekFrom::Start(self.header.blob_offset))
             .map_err(|source| CheckpointError::Io {
                 path: self.path.display().to_string(),
@@ -1286,15 +1288,11 @@ impl LoadedImage {
 
     /// The image file, and where its blob lies in it (offset, length), for reading ahead of a restore.
     pub fn preload_source(&self) -> Result<(File, u64, u64), CheckpointError> {
-        let f = self
-            .file
-            .try_clone()
-            .map_err(|source| CheckpointError::Io {
-                path: self.path.display().to_string(),
-                what: "opening the blob",
-                source,
-            })?;
-        Ok((f, self.header.blob_offset, self.manifest.blob_len()))
+        Ok((
+            self.file_again()?,
+            self.header.blob_offset,
+            self.manifest.blob_len(),
+        ))
     }
 
     /// Checks the blob CRC against the header (reads the whole blob).

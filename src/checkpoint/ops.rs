@@ -694,19 +694,22 @@ pub fn restore_cmd(
     // The driver's start-up comes before the timed restore; it is shown, not counted.
     let mut phases = driver_secs;
     phases.extend(super::phases::take());
+    let summary = Summary {
+        what: format!(
+            "{}restore of session {} (pid {})",
+            if trial { "trial " } else { "" },
+            s.id,
+            s.pid
+        ),
+        bytes,
+        seconds: secs,
+        paused_seconds: 0.0,
+        phases,
+        path: what,
+    };
     if trial {
         rebuilt.state.teardown();
-        println!(
-            "{}",
-            Summary {
-                what: format!("trial restore of session {} (pid {})", s.id, s.pid),
-                bytes,
-                seconds: secs,
-                paused_seconds: 0.0,
-                phases,
-                path: what,
-            }
-        );
+        println!("{summary}");
         println!(
             "trial passed: the image restores on this device (every CRC checked); released again, pid {} untouched",
             s.pid
@@ -721,17 +724,7 @@ pub fn restore_cmd(
         },
     );
     add_pending(&srv, s, rebuilt).map_err(|e| e.to_string())?;
-    println!(
-        "{}",
-        Summary {
-            what: format!("restore of session {} (pid {})", s.id, s.pid),
-            bytes,
-            seconds: secs,
-            paused_seconds: 0.0,
-            phases,
-            path: what,
-        }
-    );
+    println!("{summary}");
     println!(
         "waiting for pid {} to re-attach at {}",
         s.pid,

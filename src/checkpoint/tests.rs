@@ -511,25 +511,22 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     // The image restores.
     let before = snapshot(&b, &st);
     st.teardown();
+    let restores_exactly = |what: &str| {
+        let mut back = restore(&b, fast.path()).unwrap().state;
+        assert_eq!(snapshot(&b, &back), before, "{what}");
+        back.teardown();
+    };
     // Through buffers, with direct workers taking chunks from the image's pages too (whichever takes them).
     super::direct::FORCE_PINNERS.with(|f| f.set(Some(4)));
-    let mut back = restore(&b, fast.path()).unwrap().state;
-    assert_eq!(snapshot(&b, &back), before, "mixed restore is exact");
-    back.teardown();
+    restores_exactly("mixed restore is exact");
     super::direct::FORCE_PINNERS.with(|f| f.set(None));
     super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(true));
     let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
-    let mut back = restore(&b, fast.path()).unwrap().state;
+    restores_exactly("device memory restored exactly");
     assert!(
         super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst) > direct,
         "an image on tmpfs restores through its mapped pages"
     );
-    assert_eq!(
-        snapshot(&b, &back),
-        before,
-        "device memory restored exactly"
-    );
-    back.teardown();
     // A mapping made and faulted in ahead (`devproxy restore` does it while the driver starts) is the one used, and
     // the restore is exact; one made for another file range is not used.
     let (file, base, len) = super::image::LoadedImage::open(fast.path())
@@ -543,35 +540,27 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         base + 4096,
         len - 4096
     ));
-    let mut back = restore(&b, fast.path()).unwrap().state;
+    restores_exactly("with a preload of another range");
     assert_eq!(
         used(),
         before_used,
         "a preload of another range is not used"
     );
-    assert_eq!(snapshot(&b, &back), before);
-    back.teardown();
     assert!(super::direct::preload_restore(&file, base, len));
-    let mut back = restore(&b, fast.path()).unwrap().state;
+    restores_exactly("restored exactly from the preloaded mapping");
     assert_eq!(used(), before_used + 1, "the preloaded mapping is used");
-    assert_eq!(snapshot(&b, &back), before, "restored exactly from it");
-    back.teardown();
     // Buffered restores copying out of a mapping of the image (`DEVPROXY_RESTORE_READ=mmap`), preloaded or not.
     super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(false));
     super::direct::FORCE_MAPPED_READS.with(|f| f.set(true));
     let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
-    let mut back = restore(&b, fast.path()).unwrap().state;
-    assert_eq!(snapshot(&b, &back), before, "mapped reads restore exactly");
-    back.teardown();
+    restores_exactly("mapped reads restore exactly");
     assert!(super::direct::preload_restore(&file, base, len));
-    let mut back = restore(&b, fast.path()).unwrap().state;
+    restores_exactly("mapped reads from the preloaded mapping");
     assert_eq!(
         used(),
         before_used + 2,
         "mapped reads use the preloaded mapping"
     );
-    assert_eq!(snapshot(&b, &back), before);
-    back.teardown();
     assert_eq!(
         super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst),
         direct,
