@@ -431,6 +431,10 @@ fn live_migration_gives_identical_output_and_refuses_another_device_size() {
             s.contains("target: (from page-locked memory"),
             "the target's device read the file in place: {s}"
         );
+        assert!(
+            s.contains("target: (waiting for the source)"),
+            "the target drained the file while the source filled it: {s}"
+        );
     }
     assert!(
         sessions(&a).is_empty(),

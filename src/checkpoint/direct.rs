@@ -620,15 +620,6 @@ impl BlobFd {
         self.map.len as u64
     }
 
-    /// Whether `f` is this memory file (the same inode).
-    pub fn is_file(&self, f: &File) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match (self.file.metadata(), f.metadata()) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
-        }
-    }
-
     /// The blob length of `regions`, if it fits.
     fn blob_len(&self, regions: &[Region]) -> Result<u64, CheckpointError> {
         let len: u64 = regions.iter().map(|r| r.bytes).sum();
@@ -669,17 +660,21 @@ impl BlobFd {
         Ok(crc)
     }
 
-    /// Hands the blob of `regions` (filled by [`BlobFd::fill`]) to `apply` straight from the page-locked pages (the
-    /// device reads them by DMA), CRC threads alongside: a resume after a suspend needs no copy and no page-locking.
-    /// Returns the blob's CRC.
+    /// Hands the blob of `regions` (filled by [`BlobFd::fill`], here or in another process) to `apply` straight
+    /// from the page-locked pages (the device reads them by DMA), CRC threads following: a resume after a suspend or
+    /// a same-host migration needs no copy and no page-locking. `filled(n)` returns once the first `n` bytes are in
+    /// (a migration's target drains while its source still fills). Returns the blob's CRC.
     pub fn drain(
         &self,
         regions: &[Region],
         apply: &Apply<'_>,
         progress: &mut dyn FnMut(u64, u64),
+        filled: &mut dyn FnMut(u64) -> std::io::Result<()>,
     ) -> Result<u32, CheckpointError> {
         let blob_len = self.blob_len(regions)?;
         let writing = std::cell::Cell::new(0.0);
+        let waited = std::cell::Cell::new(0.0);
+        let filled = std::cell::RefCell::new(filled);
         let crc = apply_mapped(
             &self.map,
             0,
@@ -687,9 +682,18 @@ impl BlobFd {
             regions,
             apply,
             progress,
-            &|_| {},
+            &|pos, n| {
+                let t = Instant::now();
+                let r = (filled.borrow_mut())((pos + n) as u64).map_err(|e| {
+                    CheckpointError::Pipeline(format!("waiting for the blob to be filled: {e}"))
+                });
+                waited.set(waited.get() + t.elapsed().as_secs_f64());
+                r
+            },
+            true,
             &writing,
         )?;
+        super::phases::add("(waiting for the source)", waited.get());
         super::phases::add("(from page-locked memory: device writes)", writing.get());
         Ok(crc)
     }
@@ -728,8 +732,11 @@ impl std::io::Read for LockedSource<'_> {
 }
 
 impl super::image::BlobSource for LockedSource<'_> {
-    fn locked(&mut self) -> Option<&BlobFd> {
-        Some(self.fd)
+    fn locked(&mut self) -> Option<super::image::Locked<'_>> {
+        Some(super::image::Locked {
+            fd: self.fd,
+            filled: Box::new(|_| Ok(())),
+        })
     }
 }
 
@@ -1053,16 +1060,19 @@ pub fn consume_mapped(
                 cv.notify_all();
             });
         }
-        let wait_for = |k: usize| {
+        // Before a piece: its span's page-locking is done (pieces never cross spans).
+        let wait_for = |pos: usize, _: usize| {
             let t = Instant::now();
+            let k = (lead + pos) / SPAN;
             let mut g = lock.lock();
             while status[k].load(Relaxed) == PENDING {
                 cv.wait(&mut g);
             }
             waited.set(waited.get() + t.elapsed().as_secs_f64());
+            Ok(())
         };
         apply_mapped(
-            &map, lead, blob_len, regions, apply, progress, &wait_for, &writing,
+            &map, lead, blob_len, regions, apply, progress, &wait_for, false, &writing,
         )
     });
     let refused = status.iter().filter(|s| s.load(Relaxed) == REFUSED).count();
@@ -1093,8 +1103,10 @@ pub fn consume_mapped(
 }
 
 /// Hands the blob (`blob_len` bytes at `lead` in `map`) to `apply` piece by piece, in blob order on this thread (by
-/// DMA where the piece's span is page-locked), while CRC threads checksum it; `wait_span(k)` runs before the first
-/// piece of span `k`, and `writing` sums the seconds spent in `apply`. Returns the blob's CRC.
+/// DMA where the piece's span is page-locked), while CRC threads checksum it; `before(pos, n)` runs before the
+/// piece of `n` bytes at blob position `pos` is handed over (and may wait for it), and `writing` sums the seconds
+/// spent in `apply`. With `crc_follows`, a chunk is checksummed only once it was handed over (its bytes may not be
+/// there before). Returns the blob's CRC.
 #[allow(clippy::too_many_arguments)]
 fn apply_mapped(
     map: &PinnedMap,
@@ -1103,24 +1115,28 @@ fn apply_mapped(
     regions: &[Region],
     apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
-    wait_span: &dyn Fn(usize),
+    before: &dyn Fn(usize, usize) -> Result<(), CheckpointError>,
+    crc_follows: bool,
     writing: &std::cell::Cell<f64>,
 ) -> Result<u32, CheckpointError> {
     let starts = region_starts(regions);
     let total = blob_len as u64;
-    crc_alongside(map, lead, blob_len, false, |_| {
+    crc_alongside(map, lead, blob_len, crc_follows, |done| {
         let mut region = 0;
         pieces(lead, blob_len, |pos, n| {
-            wait_span((lead + pos) / SPAN);
             let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
                 CheckpointError::Pipeline("blob position past the regions".into())
             })?;
             let n = n.min((regions[i].bytes - off) as usize);
+            before(pos, n)?;
             // SAFETY: inside the blob's range of the mapping; only read here and by the CRC threads.
             let src: &[u8] = unsafe { map.slice_mut(lead + pos, n) };
             let t = Instant::now();
             apply(i, &regions[i], off, src)?;
             writing.set(writing.get() + t.elapsed().as_secs_f64());
+            if crc_follows {
+                done(pos + n);
+            }
             progress((pos + n) as u64, total);
             Ok(n)
         })

@@ -372,9 +372,9 @@ impl BlobSink for MemSink {
 /// Where blob bytes come from. Read in blob order by one reader thread; sources that can be read at offsets from
 /// several threads say so with [`BlobSource::positional`].
 pub trait BlobSource: Read + Send {
-    /// The page-locked memory file that holds the whole blob, if the source is one (a suspended session's memory):
-    /// the device reads it in place ([`super::direct::BlobFd::drain`]).
-    fn locked(&mut self) -> Option<&super::direct::BlobFd> {
+    /// The page-locked memory file that holds the blob, if the source is one (a suspended session's memory, a
+    /// same-host migration's): the device reads it in place ([`super::direct::BlobFd::drain`]).
+    fn locked(&mut self) -> Option<Locked<'_>> {
         None
     }
     /// A view of the next `len` bytes readable at offsets from several threads, if the source has one; the source
@@ -383,6 +383,13 @@ pub trait BlobSource: Read + Send {
         let _ = len;
         None
     }
+}
+
+/// A blob in a page-locked memory file (see [`BlobSource::locked`]).
+pub struct Locked<'a> {
+    pub fd: &'a super::direct::BlobFd,
+    /// Returns once the blob's first `n` bytes are in the file (a migration's source may still be filling it).
+    pub filled: Box<dyn FnMut(u64) -> io::Result<()> + 'a>,
 }
 
 /// A source read at blob offsets (see [`BlobSource::positional`]).
@@ -846,8 +853,8 @@ pub fn consume_blob(
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
     let pin_ref = pin.map(|b| b.as_ref());
     if pin.is_some() {
-        if let Some(fd) = source.locked() {
-            let crc = fd.drain(regions, apply, progress)?;
+        if let Some(mut l) = source.locked() {
+            let crc = l.fd.drain(regions, apply, progress, &mut l.filled)?;
             super::phases::mark("copy");
             return Ok(crc);
         }

@@ -797,12 +797,35 @@ impl BlobSource for FrameReader<'_> {
         BlobSource::positional(self.file.as_mut()?, len)
     }
 
-    /// The prelocked memory file, once the source said the blob is in it (and it is the same file).
-    fn locked(&mut self) -> Option<&BlobFd> {
-        self.prelocked.as_ref()?;
-        self.take_fd_frame()?;
-        let (fd, file) = (self.prelocked.as_ref()?, self.file.as_ref()?);
-        fd.is_file(file).then_some(fd)
+    /// The prelocked memory file, drained while the source still fills it: the source sends the blob position it
+    /// has reached (8-byte frames) as it goes, and the blob CRC frame after the last one (read as the trailer).
+    fn locked(&mut self) -> Option<image::Locked<'_>> {
+        if !self.blob_fd || self.pos != self.buf.len() {
+            return None;
+        }
+        let conn = self.conn;
+        let fd = self.prelocked.as_ref()?;
+        let mut have = 0u64;
+        Some(image::Locked {
+            fd,
+            filled: Box::new(move |need| {
+                while have < need {
+                    let (b, _) = socket::recv_msg(conn, MAX_FRAME)?;
+                    have = <[u8; 8]>::try_from(&b[..])
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!(
+                                    "the source ended the blob at {have} bytes ({}-byte frame)",
+                                    b.len()
+                                ),
+                            )
+                        })?;
+                }
+                Ok(())
+            }),
+        })
     }
 }
 
@@ -822,11 +845,14 @@ fn recv_reply(conn: &UnixStream) -> Result<ControlReply, String> {
 ///
 /// With `blob_fd` (a memory file prepared before the barrier) the blob goes into that file by DMA and the file's
 /// descriptor is sent instead of the bytes (both servers are on this machine: the control socket is a Unix socket).
+/// With `prelocked` (the target page-locked the file before the barrier) the target drains the file while it fills:
+/// each position reached goes to it as an 8-byte frame, before the CRC frame.
 fn stream_to(
     conn: &UnixStream,
     backend: &Arc<dyn Backend>,
     cap: &Captured,
     blob_fd: Option<BlobFd>,
+    prelocked: bool,
     send: Reply<'_>,
 ) -> Result<Summary, String> {
     let m = cap.manifest.encode();
@@ -867,9 +893,19 @@ fn stream_to(
     }
     let mut fill = filler(backend, cap);
     if let Some(fd) = blob_fd.as_mut() {
+        // A target that page-locked the file drains it as it fills: it is told how far the blob is in.
+        let mut progress = progress_to(send);
+        let mut told = Ok(());
+        let mut report = |done: u64, total: u64| {
+            progress(done, total);
+            if prelocked && told.is_ok() {
+                told = socket::send_msg(conn, &done.to_le_bytes(), &[]);
+            }
+        };
         let crc = fd
-            .fill(&cap.manifest.regions, &mut fill, &mut progress_to(send))
+            .fill(&cap.manifest.regions, &mut fill, &mut report)
             .map_err(|e| e.to_string())?;
+        told.map_err(io)?;
         use std::os::fd::AsFd;
         socket::send_msg(conn, &crc.to_le_bytes(), &[fd.file().as_fd()]).map_err(io)?;
         let answer = recv_reply(conn);
@@ -971,7 +1007,7 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
     // From now on the process polls the target's socket.
     cap.manifest.sessions[0].socket = to_s.clone();
     // An NCCL rank's communicators follow: the target rejoins their cliques before this server lets go.
-    let moved = stream_to(&conn, &server.backend, &cap, blob_fd, send)
+    let moved = stream_to(&conn, &server.backend, &cap, blob_fd, prelocked, send)
         .and_then(|s| crate::nccl::restore::hand_over(&sh, to).map(|()| s));
     super::phases::mark("send");
     match moved {
