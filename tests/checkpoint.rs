@@ -460,6 +460,41 @@ fn live_migration_gives_identical_output_and_refuses_another_device_size() {
     assert_eq!(run.finish(), want);
 }
 
+/// A same-host migration's target that dies after page-locking the memory file, before the session arrives: the
+/// migration fails with a message and the process carries on where it was, its output unchanged.
+#[test]
+fn a_migration_target_that_dies_after_page_locking_leaves_the_process_running() {
+    if std::env::var("DEVPROXY_IMAGE_DIRECT").as_deref() == Ok("0") {
+        return; // no memory file, nothing page-locked
+    }
+    let _g = serial();
+    let want = reference(TRAIN);
+    let mut env = Env::new();
+    let a = env.path("a.sock");
+    let b = env.path("b.sock");
+    env.serve(&a, &[], &[]);
+    env.serve(&b, &[], &[("DEVPROXY_TEST_EXIT_AFTER_PRELOCK", "1")]);
+    let mut run = Run::start(&env, Some(&a), TRAIN);
+    run.wait_for_step(2);
+    let pid = pid_on(&a, "train").to_string();
+    let (ok, s) = env.devproxy(&[
+        "migrate",
+        "--server",
+        a.to_str().unwrap(),
+        "--pid",
+        &pid,
+        "--to",
+        b.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{s}");
+    assert!(
+        s.contains("failed (it continues here)") && s.contains("closed the connection"),
+        "{s}"
+    );
+    assert_eq!(sessions(&a).len(), 1, "the session stays on the source");
+    assert_eq!(run.finish(), want);
+}
+
 #[test]
 fn suspend_frees_the_device_and_resume_continues() {
     let _g = serial();

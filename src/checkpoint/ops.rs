@@ -872,6 +872,15 @@ fn stream_to(
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
         match recv_reply(conn) {
             Ok(ControlReply::Err(why)) => format!("the target refused the session: {why}"),
+            _ if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+            {
+                format!(
+                    "the target server closed the connection ({e}): did it exit? Its log says why"
+                )
+            }
             _ => format!("sending to the target: {e}"),
         }
     };
@@ -1103,6 +1112,10 @@ pub fn adopt_prelocked(
         .ok_or("the memory file could not be page-locked here")?;
     let secs = t0.elapsed().as_secs_f64();
     send(&ControlReply::Ok(format!("page-locked in {secs:.3} s")))?;
+    // Tests only: a target that dies between page-locking and the session (the source must carry on).
+    if std::env::var("DEVPROXY_TEST_EXIT_AFTER_PRELOCK").is_ok_and(|v| v == "1") {
+        std::process::exit(9);
+    }
     let (b, _) = socket::recv_msg(conn, MAX_FRAME)
         .map_err(|e| format!("the source left after page-locking: {e}"))?;
     match protocol::decode::<ControlRequest>(&b).map_err(|e| e.to_string())? {
