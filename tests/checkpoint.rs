@@ -377,6 +377,39 @@ fn checkpoint_stop_kill_server_restore_gives_identical_output() {
     assert_eq!(run.finish(), want);
 }
 
+/// The wrong image restored first (one taken without `--stop`, which the process has run past): the restore server
+/// refuses the process, which says why and keeps waiting; once the right image is restored it continues, its output
+/// unchanged.
+#[test]
+fn a_stale_image_restored_first_is_refused_and_the_process_waits_for_the_right_one() {
+    let _g = serial();
+    let want = reference(TRAIN);
+    let mut env = Env::new();
+    let sock = env.path("a.sock");
+    let srv = env.serve(&sock, &[], &[]);
+    let mut run = Run::start(&env, Some(&sock), TRAIN);
+    run.wait_for_step(2);
+    let pid = pid_on(&sock, "train").to_string();
+    let (old, new) = (env.path("old"), env.path("new"));
+    env.checkpoint(&sock, &pid, &old, false);
+    run.wait_for_step(4);
+    env.checkpoint(&sock, &pid, &new, true);
+    let at = run.settled_stdout();
+    env.kill(srv);
+    let stale = env.restore(&old, &sock);
+    wait_until(Duration::from_secs(30), "the process to be refused", || {
+        run.stderr().contains("older than the process")
+    });
+    assert!(run.stderr().contains("still waiting"), "{}", run.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(run.alive(), "the process gave up: {}", run.stderr());
+    assert_eq!(run.stdout(), at, "the process moved on");
+    env.kill(stale);
+    let _ = std::fs::remove_file(&sock);
+    env.restore(&new, &sock);
+    assert_eq!(run.finish(), want);
+}
+
 #[test]
 fn live_migration_gives_identical_output_and_refuses_another_device_size() {
     let _g = serial();

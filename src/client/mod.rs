@@ -24,7 +24,9 @@
 //! it polls the socket path (the one a `Notice::Moved` named, else the original) for up to
 //! `DEVPROXY_RECONNECT_TIMEOUT` seconds (default 300), sending `Hello { resume }` with the segment fd attached. Calls
 //! blocked in the ring meanwhile keep waiting (their `alive` check stays true): the new server continues the same
-//! ring from where the old one stopped, so nothing is resent. If re-attaching fails for good every call returns
+//! ring from where the old one stopped, so nothing is resent. A server that refuses the session (a stale image, or
+//! another process's, restored at that path) is said once and waited past: stopping it and restoring the right image
+//! still saves the process. If no server takes the session back in time, every call returns
 //! `CUDA_ERROR_DEVICE_UNAVAILABLE`.
 
 #[cfg(test)]
@@ -619,6 +621,17 @@ fn reattach(shared: &Shared, original: &str) -> Option<UnixStream> {
     let timeout = reconnect_timeout();
     let deadline = Instant::now() + timeout;
     let mut announced = String::new();
+    // The last refusal said (each is said once, not on every retry).
+    let mut said = String::new();
+    let refused = |said: &mut String, why: String| {
+        if *said != why {
+            eprintln!(
+                "devproxy: {why}; still waiting (up to {} s in all) for a server that has this session",
+                timeout.as_secs()
+            );
+            *said = why;
+        }
+    };
     let resume = Resume {
         session: shared.info.session,
         token: shared.info.token,
@@ -652,19 +665,19 @@ fn reattach(shared: &Shared, original: &str) -> Option<UnixStream> {
                     }
                     return Some(sock);
                 }
-                Ok((info, _)) => {
-                    eprintln!(
-                        "devproxy: the server at {path} answered with session {} instead of {}; giving up",
+                // A refusal (a stale or another process's image restored there) is an operator's to fix: stop
+                // that server and restore the right image; the process keeps waiting until the timeout.
+                Ok((info, _)) => refused(
+                    &mut said,
+                    format!(
+                        "the server at {path} answered with session {} instead of {}",
                         info.session, shared.info.session
-                    );
-                    return None;
-                }
-                Err(ClientError::Refused { reason, .. }) => {
-                    eprintln!(
-                        "devproxy: the server at {path} refused to resume the session: {reason}"
-                    );
-                    return None;
-                }
+                    ),
+                ),
+                Err(ClientError::Refused { reason, .. }) => refused(
+                    &mut said,
+                    format!("the server at {path} refused to resume the session: {reason}"),
+                ),
                 Err(_) => {} // not ready yet: retry
             }
         }
