@@ -528,6 +528,29 @@ fn a_migration_target_that_dies_after_page_locking_leaves_the_process_running() 
     assert_eq!(run.finish(), want);
 }
 
+/// A process killed while suspended: its server lets go of the host memory that held its device state.
+#[test]
+fn a_process_killed_while_suspended_has_its_host_memory_released() {
+    let _g = serial();
+    let mut env = Env::new();
+    let a = env.path("a.sock");
+    env.serve(&a, &[], &[]);
+    let mut run = Run::start(&env, Some(&a), TRAIN);
+    run.wait_for_step(2);
+    let pid = pid_on(&a, "train").to_string();
+    env.ok(&["suspend", "--server", a.to_str().unwrap(), "--pid", &pid]);
+    let st = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(st.success());
+    let log = a.with_extension("log");
+    wait_until(
+        Duration::from_secs(30),
+        "the suspended state to be released",
+        || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ended while suspended")),
+    );
+    assert!(sessions(&a).is_empty());
+    let _ = run.alive();
+}
+
 #[test]
 fn suspend_frees_the_device_and_resume_continues() {
     let _g = serial();

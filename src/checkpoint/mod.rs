@@ -127,6 +127,11 @@ pub fn adopt_prelocked(
     ops::adopt_prelocked(server, conn, len, fds, send)
 }
 
+/// Releases what a suspension of session `id` still holds once the session ended (see `ops::forget_suspended`).
+pub fn session_ended(server: &Server, id: u64) {
+    ops::forget_suspended(server, id)
+}
+
 /// `devproxy restore DIR` (`trial`: `--trial`, rebuild, report and release without serving).
 pub fn restore_cmd(
     dir: &std::path::Path,

@@ -322,8 +322,23 @@ fn suspended() -> &'static Mutex<HashMap<(usize, u64), Suspended>> {
     S.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn key(server: &Arc<Server>, id: u64) -> (usize, u64) {
-    (Arc::as_ptr(server) as usize, id)
+fn key(server: &Server, id: u64) -> (usize, u64) {
+    (server as *const Server as usize, id)
+}
+
+/// A session that ended while suspended (its process exited or was killed): its memory file goes (the pages are
+/// let go of on a thread of their own).
+pub fn forget_suspended(server: &Server, id: u64) {
+    let Some(s) = suspended().lock().remove(&key(server, id)) else {
+        return;
+    };
+    tracing::info!(
+        "session {id} ended while suspended: its device state in host memory ({}) is released",
+        human_bytes(s.manifest.blob_len())
+    );
+    if let SuspendedBlob::Locked(fd) = s.blob {
+        fd.let_go();
+    }
 }
 
 /// A suspended session's device state, held in host memory.

@@ -535,6 +535,7 @@ impl Server {
         }
         sh.closed.store(true, Ordering::Release);
         st.teardown();
+        crate::checkpoint::session_ended(&self, sh.id);
         if detached {
             tracing::info!(
                 "session {}: moved away; its device memory here is freed",
