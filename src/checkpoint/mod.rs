@@ -127,6 +127,11 @@ pub fn adopt_prelocked(
     ops::adopt_prelocked(server, conn, len, fds, send)
 }
 
+/// Bytes a suspended session holds in host memory (`None`: not suspended).
+pub fn suspended_bytes(server: &Server, id: u64) -> Option<u64> {
+    ops::suspended_bytes(server, id)
+}
+
 /// Releases what a suspension of session `id` still holds once the session ended (see `ops::forget_suspended`).
 pub fn session_ended(server: &Server, id: u64) {
     ops::forget_suspended(server, id)

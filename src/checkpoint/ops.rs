@@ -326,6 +326,14 @@ fn key(server: &Server, id: u64) -> (usize, u64) {
     (server as *const Server as usize, id)
 }
 
+/// Bytes of device state a suspended session holds in host memory (`None`: not suspended), for `devproxy ps`.
+pub fn suspended_bytes(server: &Server, id: u64) -> Option<u64> {
+    suspended()
+        .lock()
+        .get(&key(server, id))
+        .map(|s| s.manifest.blob_len())
+}
+
 /// A session that ended while suspended (its process exited or was killed): its memory file goes (the pages are
 /// let go of on a thread of their own).
 pub fn forget_suspended(server: &Server, id: u64) {

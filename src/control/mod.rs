@@ -199,12 +199,14 @@ fn handle(server: &Arc<Server>, conn: &UnixStream) -> Result<(), String> {
                     command: s.command.clone(),
                     device_bytes: s.device_bytes.load(Ordering::Relaxed),
                     calls: s.calls.load(Ordering::Relaxed),
-                    state: match s.phase() {
-                        Phase::Running => "running",
-                        Phase::Paused => "paused",
-                        Phase::Closed => "closed",
-                    }
-                    .to_string(),
+                    state: match (s.phase(), crate::checkpoint::suspended_bytes(server, s.id)) {
+                        (Phase::Paused, Some(b)) => {
+                            format!("suspended ({} in host memory)", human_bytes(b))
+                        }
+                        (Phase::Running, _) => "running".into(),
+                        (Phase::Paused, None) => "paused".into(),
+                        (Phase::Closed, _) => "closed".into(),
+                    },
                 })
                 .collect();
             for (id, p) in server.pending.lock().iter() {
