@@ -43,7 +43,7 @@ BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without 
 GIBS=${GIBS:-"1 16"}
 STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
-RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct mmap chunk4 mmap+chunk4"}
+RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct mmap chunk4 chunk16 mmap+chunk4"}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
