@@ -564,7 +564,11 @@ fn suspend_frees_the_device_and_resume_continues() {
     let s = env.ok(&["suspend", "--server", a.to_str().unwrap(), "--pid", &pid]);
     let direct = std::env::var("DEVPROXY_IMAGE_DIRECT").as_deref() != Ok("0");
     assert!(
-        s.contains(if direct { "memory file" } else { "a buffer" }),
+        s.contains(if direct {
+            "page-locked host memory"
+        } else {
+            "a buffer"
+        }),
         "{s}"
     );
     // The only session: the whole device is free.

@@ -156,6 +156,35 @@ impl PinnedMap {
         })
     }
 
+    /// `len` bytes of private anonymous memory, huge pages asked for (transparent huge pages for anonymous memory are
+    /// commonly on for `madvise`, where shared memory files get none): for memory only this process uses.
+    fn anonymous(len: usize) -> Option<PinnedMap> {
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a fresh private anonymous mapping chosen by the kernel.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: our fresh mapping; MADV_HUGEPAGE changes how it is backed, never its contents.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Some(PinnedMap {
+            ptr: ptr.cast(),
+            len,
+            registered: Vec::new(),
+        })
+    }
+
     fn spans(&self) -> Vec<HostSpan> {
         (0..self.len.div_ceil(SPAN))
             .map(|k| HostSpan {
@@ -557,7 +586,8 @@ fn fill_mapped(
 /// control socket and the target restores from the same pages ([`consume_mapped`]). Nothing is copied through the
 /// socket.
 pub struct BlobFd {
-    file: File,
+    /// The memory file; `None` for private memory ([`BlobFd::private`]).
+    file: Option<File>,
     map: PinnedMap,
     backend: Arc<dyn Backend>,
 }
@@ -579,13 +609,29 @@ impl BlobFd {
         // SAFETY: a fresh descriptor we own.
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         file.set_len(len).ok()?;
-        BlobFd::lock(file, size, backend, "migration streams its blob")
+        let map = PinnedMap::new(&file, 0, size)?;
+        BlobFd::lock(Some(file), map, backend, "migration streams its blob")
     }
 
-    /// Maps `size` bytes of the memory file, faults them in and page-locks them; `None` (said with `why`) where
-    /// that fails.
-    fn lock(file: File, size: usize, backend: &Arc<dyn Backend>, why: &str) -> Option<BlobFd> {
-        let map = PinnedMap::new(&file, 0, size)?;
+    /// Like [`BlobFd::new`], in private memory of this process instead of a memory file (a suspension's blob, which
+    /// no other process reads): anonymous memory gets transparent huge pages where memory files do not, so it is
+    /// faulted in and page-locked several times faster.
+    pub fn private(len: u64, backend: &Arc<dyn Backend>) -> Option<BlobFd> {
+        let avail = super::ops::mem_available();
+        if !enabled() || len == 0 || avail == 0 || len.saturating_add(1 << 30) > avail {
+            return None;
+        }
+        let map = PinnedMap::anonymous(usize::try_from(len).ok()?)?;
+        BlobFd::lock(None, map, backend, "suspension keeps its blob in a buffer")
+    }
+
+    /// Faults `map` in and page-locks it; `None` (said with `why`) where that fails.
+    fn lock(
+        file: Option<File>,
+        map: PinnedMap,
+        backend: &Arc<dyn Backend>,
+        why: &str,
+    ) -> Option<BlobFd> {
         let mut b = BlobFd {
             file,
             map,
@@ -612,7 +658,8 @@ impl BlobFd {
         if !enabled() || file.metadata().ok()?.len() < len {
             return None;
         }
-        BlobFd::lock(file, size, backend, "migration target")
+        let map = PinnedMap::new(&file, 0, size)?;
+        BlobFd::lock(Some(file), map, backend, "migration target")
     }
 
     /// Bytes the memory file holds (the most a blob may have).
@@ -703,14 +750,14 @@ impl BlobFd {
         self.map.release_in_background(&self.backend);
     }
 
-    /// The memory file, to pass to the target.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The memory file, to pass to the target (`None` for private memory).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
     }
 }
 
 /// A [`BlobFd`] read as a blob source: restores hand its page-locked pages to the device in place
-/// ([`BlobFd::drain`]); read as a stream (without a backend) it reads the memory file from its start.
+/// ([`BlobFd::drain`]); read as a stream (without a backend) it reads the memory from its start.
 pub struct LockedSource<'a> {
     fd: &'a BlobFd,
     pos: u64,
@@ -725,7 +772,21 @@ impl<'a> LockedSource<'a> {
 impl std::io::Read for LockedSource<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let n = self.fd.file.read_at(buf, self.pos)?;
+        let n = match &self.fd.file {
+            Some(f) => f.read_at(buf, self.pos)?,
+            None => {
+                // Private memory: read from the mapping.
+                let at = usize::try_from(self.pos)
+                    .unwrap_or(usize::MAX)
+                    .min(self.fd.map.len);
+                let n = buf.len().min(self.fd.map.len - at);
+                // SAFETY: inside the live mapping, only read while the source is borrowed.
+                buf[..n].copy_from_slice(unsafe {
+                    std::slice::from_raw_parts(self.fd.map.ptr.add(at), n)
+                });
+                n
+            }
+        };
         self.pos += n as u64;
         Ok(n)
     }
@@ -1297,47 +1358,55 @@ mod chunk_tests {
         let starts = region_starts(&regions);
         let byte =
             |i: usize, off: u64| (starts[i] + off).wrapping_mul(31).wrapping_add(off / 4096) as u8;
-        let Some(mut fd) = BlobFd::new(planned_len(total, 0), &b) else {
-            return; // no memfd or too little memory here
-        };
-        let mut fill = |i: usize, _: &Region, off: u64, dst: &mut [u8]| {
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d = byte(i, off + k as u64);
-            }
-            Ok(())
-        };
-        let crc = fd.fill(&regions, &mut fill, &mut |_, _| {}).unwrap();
         let want: Vec<u8> = (0..regions.len())
             .flat_map(|i| (0..regions[i].bytes).map(move |o| (i, o)))
             .map(|(i, o)| byte(i, o))
             .collect();
-        assert_eq!(crc, crc32fast::hash(&want));
-        for pin in [Some(&b), None] {
-            super::super::phases::start();
-            let got = parking_lot::Mutex::new(vec![0u8; total as usize]);
-            let apply = |i: usize, _: &Region, off: u64, src: &[u8]| {
-                let at = (starts[i] + off) as usize;
-                got.lock()[at..at + src.len()].copy_from_slice(src);
+        // A memory file (migrations) and private memory (suspensions); none where there is no memfd or too little
+        // memory here.
+        let fds = [
+            BlobFd::new(planned_len(total, 0), &b),
+            BlobFd::private(planned_len(total, 0), &b),
+        ];
+        for (kind, fd) in fds.into_iter().enumerate() {
+            let Some(mut fd) = fd else { continue };
+            assert_eq!(fd.file().is_some(), kind == 0);
+            let mut fill = |i: usize, _: &Region, off: u64, dst: &mut [u8]| {
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = byte(i, off + k as u64);
+                }
                 Ok(())
             };
-            let c = consume_blob(
-                &regions,
-                &mut LockedSource::new(&fd),
-                &apply,
-                &mut |_, _| {},
-                pin,
-            )
-            .unwrap();
-            assert_eq!(c, crc, "with a backend: {}", pin.is_some());
-            assert!(got.into_inner() == want);
-            let in_place = super::super::phases::take()
-                .iter()
-                .any(|(n, _)| n.contains("from page-locked memory"));
-            assert_eq!(
-                in_place,
-                pin.is_some(),
-                "drained in place with a backend only"
-            );
+            let crc = fd.fill(&regions, &mut fill, &mut |_, _| {}).unwrap();
+            assert_eq!(crc, crc32fast::hash(&want));
+            for pin in [Some(&b), None] {
+                super::super::phases::start();
+                let got = parking_lot::Mutex::new(vec![0u8; total as usize]);
+                let apply = |i: usize, _: &Region, off: u64, src: &[u8]| {
+                    let at = (starts[i] + off) as usize;
+                    got.lock()[at..at + src.len()].copy_from_slice(src);
+                    Ok(())
+                };
+                let c = consume_blob(
+                    &regions,
+                    &mut LockedSource::new(&fd),
+                    &apply,
+                    &mut |_, _| {},
+                    pin,
+                )
+                .unwrap();
+                let how = format!("kind {kind}, with a backend: {}", pin.is_some());
+                assert_eq!(c, crc, "{how}");
+                assert!(got.into_inner() == want, "{how}");
+                let in_place = super::super::phases::take()
+                    .iter()
+                    .any(|(n, _)| n.contains("from page-locked memory"));
+                assert_eq!(
+                    in_place,
+                    pin.is_some(),
+                    "drained in place with a backend only"
+                );
+            }
         }
     }
 

@@ -334,7 +334,7 @@ pub fn suspended_bytes(server: &Server, id: u64) -> Option<u64> {
         .map(|s| s.manifest.blob_len())
 }
 
-/// A session that ended while suspended (its process exited or was killed): its memory file goes (the pages are
+/// A session that ended while suspended (its process exited or was killed): its page-locked memory goes (the pages are
 /// let go of on a thread of their own).
 pub fn forget_suspended(server: &Server, id: u64) {
     let Some(s) = suspended().lock().remove(&key(server, id)) else {
@@ -356,7 +356,7 @@ struct Suspended {
     crc: u32,
 }
 
-/// Where a suspended session's memory waits: a page-locked memory file filled by DMA (see `direct::BlobFd`), kept
+/// Where a suspended session's memory waits: page-locked private memory filled by DMA (`direct::BlobFd::private`), kept
 /// page-locked so that the resume's device reads it in place (no copy, no locking again), or a plain buffer where
 /// that is not possible.
 enum SuspendedBlob {
@@ -941,7 +941,10 @@ fn stream_to(
             .map_err(|e| e.to_string())?;
         told.map_err(io)?;
         use std::os::fd::AsFd;
-        socket::send_msg(conn, &crc.to_le_bytes(), &[fd.file().as_fd()]).map_err(io)?;
+        let file = fd
+            .file()
+            .ok_or("a migration's blob is in private memory, not a memory file")?;
+        socket::send_msg(conn, &crc.to_le_bytes(), &[file.as_fd()]).map_err(io)?;
         let answer = recv_reply(conn);
         // The target has read the blob (or given up): now the pages may be unlocked.
         if let Some(fd) = blob_fd.take() {
@@ -1096,10 +1099,11 @@ fn migrate(server: &Arc<Server>, pid: u32, to: &Path, send: Reply<'_>) -> Result
 /// Asks the target to page-lock the memory file `fd` (its descriptor goes with the request); `Ok` once it has.
 fn prelock(conn: &UnixStream, fd: &BlobFd) -> Result<(), String> {
     use std::os::fd::AsFd;
+    let file = fd.file().ok_or("the blob is in private memory")?;
     socket::send_msg(
         conn,
         &protocol::encode(&ControlRequest::AdoptPrelock { len: fd.capacity() }),
-        &[fd.file().as_fd()],
+        &[file.as_fd()],
     )
     .map_err(|e| e.to_string())?;
     match recv_reply(conn)? {
@@ -1255,8 +1259,8 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
     let backend = server.backend.clone();
     let sh2 = sh.clone();
     let t0 = Instant::now();
-    // The memory file is made ready while the process still runs.
-    let blob_fd = BlobFd::new(
+    // The page-locked memory for the blob is made ready while the process still runs.
+    let blob_fd = BlobFd::private(
         direct::planned_len(
             sh.device_bytes.load(Ordering::Relaxed),
             sh.host_bytes.load(Ordering::Relaxed),
@@ -1304,7 +1308,7 @@ fn suspend(server: &Arc<Server>, pid: u32, send: Reply<'_>) -> Result<(), String
         r.map_err(|e| format!("suspend of pid {pid} failed (it continues): {e}"))?;
     let bytes = s.manifest.blob_len();
     let held_in = match s.blob {
-        SuspendedBlob::Locked(_) => "a page-locked memory file",
+        SuspendedBlob::Locked(_) => "page-locked host memory",
         SuspendedBlob::Mem(_) => "a buffer",
     };
     suspended().lock().insert(key(server, sh.id), s);
