@@ -476,6 +476,9 @@ fn state_cmd(server: Option<PathBuf>, pid: u32, req: ControlRequest) -> Result<(
     match r {
         ControlReply::Done(summary) => {
             println!("{summary}");
+            if let Some(hint) = slow_preparation_hint(&summary) {
+                eprintln!("devproxy: hint: {hint}");
+            }
             Ok(())
         }
         ControlReply::Ok(m) => {
@@ -484,5 +487,64 @@ fn state_cmd(server: Option<PathBuf>, pid: u32, req: ControlRequest) -> Result<(
         }
         ControlReply::Err(e) => Err(e),
         other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// For a checkpoint whose image preparation took over a second on a tmpfs without huge pages: how to make it several
+/// times faster (measured on the H100 host: 16 GiB in 4-5.8 s on /dev/shm, 0.85-1.3 s with huge pages).
+fn slow_preparation_hint(summary: &control::Summary) -> Option<String> {
+    let prepare = summary.phases.iter().find(|(n, _)| n == "prepare")?.1;
+    if prepare < 1.0 || summary.path.is_empty() {
+        return None;
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mount = tmpfs_without_huge_pages(&mounts, std::path::Path::new(&summary.path))?;
+    Some(format!(
+        "preparing the image took {prepare:.1} s on {mount}, a tmpfs without huge pages; images on a tmpfs mounted \
+         with huge pages prepare several times faster: mount -t tmpfs -o size=64g,huge=always tmpfs /mnt/images"
+    ))
+}
+
+/// The mount point holding `path` if it is a tmpfs without huge pages (`huge=always` or `within_size`), from the
+/// text of /proc/self/mounts.
+fn tmpfs_without_huge_pages(mounts: &str, path: &std::path::Path) -> Option<String> {
+    // The longest mount point that holds `path`: (mount point, type, options).
+    let (mount, fstype, opts) = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            Some((f.next()?, f.next()?, f.next()?))
+        })
+        .filter(|(mp, _, _)| path.starts_with(mp))
+        .max_by_key(|(mp, _, _)| mp.len())?;
+    let huge = opts
+        .split(',')
+        .any(|o| o == "huge=always" || o == "huge=within_size");
+    (fstype == "tmpfs" && !huge).then(|| mount.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tmpfs_without_huge_pages;
+    use std::path::Path;
+
+    #[test]
+    fn the_huge_page_hint_names_the_tmpfs_holding_the_image() {
+        let mounts = "/dev/vda / ext4 rw 0 0\n\
+                      tmpfs /dev/shm tmpfs rw,nosuid,size=24g 0 0\n\
+                      tmpfs /mnt/images tmpfs rw,size=64g,huge=always 0 0\n\
+                      tmpfs /mnt/within tmpfs rw,huge=within_size 0 0\n";
+        let at = |p: &str| tmpfs_without_huge_pages(mounts, Path::new(p));
+        assert_eq!(
+            at("/dev/shm/job/image.devproxy").as_deref(),
+            Some("/dev/shm")
+        );
+        assert_eq!(
+            at("/mnt/images/job/image.devproxy"),
+            None,
+            "huge pages already"
+        );
+        assert_eq!(at("/mnt/within/image.devproxy"), None);
+        assert_eq!(at("/home/u/job/image.devproxy"), None, "not tmpfs");
     }
 }
