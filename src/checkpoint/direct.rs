@@ -29,7 +29,7 @@
 
 use super::format::{Header, IMAGE_FILE};
 use super::image::{combine_in_order, Apply, Fill, Written};
-use super::manifest::{Manifest, Region};
+use super::manifest::{Manifest, Region, RegionKind};
 use super::CheckpointError;
 use crate::backend::{Backend, HostSpan};
 use std::fs::File;
@@ -344,6 +344,9 @@ pub struct Prepared {
     file: File,
     map: PinnedMap,
     backend: Arc<dyn Backend>,
+    /// The device's CRC kernel, loaded before the barrier (`DEVPROXY_DEVICE_CRC=1`; boxed: `Prepared` travels back
+    /// in an `Err` when it does not fit).
+    devcrc: Option<Box<super::devcrc::DeviceCrc>>,
     /// Seconds spent preparing (before the barrier).
     pub seconds: f64,
     /// Set once the file was renamed into place (nothing to remove on drop).
@@ -413,6 +416,7 @@ impl Prepared {
             file,
             map,
             backend: backend.clone(),
+            devcrc: None,
             seconds: 0.0,
             committed: false,
         };
@@ -423,6 +427,12 @@ impl Prepared {
         if let Err(e) = p.map.register(backend.as_ref()) {
             tracing::info!("image preparation skipped: page-locking the image mapping: {e}");
             return Ok(None);
+        }
+        if super::devcrc::enabled() {
+            p.devcrc = super::devcrc::DeviceCrc::new(backend)
+                .map_err(|e| tracing::warn!("the host computes the image CRC: {e}"))
+                .ok()
+                .map(Box::new);
         }
         p.seconds = t0.elapsed().as_secs_f64();
         tracing::info!(
@@ -436,6 +446,8 @@ impl Prepared {
     /// Writes `manifest` and its blob into the prepared file and renames it into place. `resume` runs once the blob
     /// is in host memory. `Err(Self)` hands the preparation back unused when the image does not fit it (the caller
     /// then writes the ordinary way, after dropping it).
+    // The `Err` hands the whole preparation back, once per checkpoint: its size does not matter.
+    #[allow(clippy::result_large_err)]
     pub fn write(
         mut self,
         manifest: &Manifest,
@@ -475,7 +487,12 @@ impl Prepared {
             fill,
             resume,
             progress,
-            crc_after_copy(),
+            match &self.devcrc {
+                Some(dc) => Check::Device(dc),
+                None => Check::Host {
+                    defer: crc_after_copy(),
+                },
+            },
         )?;
         header.blob_crc = crc;
         let h = header.encode();
@@ -549,10 +566,11 @@ fn fill_mapped(
     fill: &mut Fill<'_>,
     resume: &mut dyn FnMut(),
     progress: &mut dyn FnMut(u64, u64),
-    defer_crc: bool,
+    check: Check<'_>,
 ) -> Result<u32, CheckpointError> {
     let starts = region_starts(regions);
-    let crc = crc_alongside(map, blob_at, blob_len, true, |done| {
+    // The copy, piece by piece; `done(pos)` says the blob's first `pos` bytes are in.
+    let mut copy = |done: &mut dyn FnMut(usize)| -> Result<(), CheckpointError> {
         let mut region = 0;
         pieces(blob_at, blob_len, |pos, n| {
             let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
@@ -564,21 +582,73 @@ fn fill_mapped(
             fill(i, &regions[i], off, unsafe {
                 map.slice_mut(blob_at + pos, n)
             })?;
-            if !defer_crc {
-                done(pos + n);
-            }
+            done(pos + n);
             progress((pos + n) as u64, blob_len as u64);
             Ok(n)
-        })?;
-        super::phases::mark("copy");
-        resume();
-        if defer_crc {
-            done(blob_len);
-        }
-        Ok(())
-    });
+        })
+    };
+    let crc = match check {
+        Check::Host { defer } => crc_alongside(map, blob_at, blob_len, true, |done| {
+            copy(&mut |pos| {
+                if !defer {
+                    done(pos)
+                }
+            })?;
+            super::phases::mark("copy");
+            resume();
+            if defer {
+                done(blob_len);
+            }
+            Ok(())
+        }),
+        // The device checksums its regions while it copies them out (the process is stopped: they do not change).
+        Check::Device(dc) => std::thread::scope(|s| {
+            let on_device = s.spawn(|| {
+                regions
+                    .iter()
+                    .map(|r| match r.kind {
+                        RegionKind::Pinned => Ok(None),
+                        _ => dc.of(r.addr, r.bytes).map(Some),
+                    })
+                    .collect::<Result<Vec<_>, CheckpointError>>()
+            });
+            let copied = copy(&mut |_| {});
+            super::phases::mark("copy");
+            // The process may change its memory once resumed: the device's CRC must be done first.
+            let device = on_device
+                .join()
+                .map_err(|_| CheckpointError::Pipeline("the device CRC thread panicked".into()));
+            super::phases::mark("crc on the device");
+            copied?;
+            let device = device?;
+            resume();
+            let mut h = crc32fast::Hasher::new();
+            for (i, d) in device?.into_iter().enumerate() {
+                match d {
+                    Some(part) => h.combine(&part),
+                    None => {
+                        let mut part = crc32fast::Hasher::new();
+                        // SAFETY: region i's bytes in the blob, filled above; nothing writes them any more.
+                        part.update(unsafe {
+                            map.slice_mut(blob_at + starts[i] as usize, regions[i].bytes as usize)
+                        });
+                        h.combine(&part);
+                    }
+                }
+            }
+            Ok(h.finalize())
+        }),
+    };
     super::phases::mark("crc");
     crc
+}
+
+/// How a filled blob's CRC is computed: by host threads reading the filled pages (following the copy, or with
+/// `defer` after it), or by the device for its regions ([`super::devcrc`]).
+#[derive(Clone, Copy)]
+enum Check<'a> {
+    Host { defer: bool },
+    Device(&'a super::devcrc::DeviceCrc),
 }
 
 /// A blob handed to another server on this machine (a live migration) as a memory file: created, faulted in and
@@ -702,7 +772,7 @@ impl BlobFd {
             fill,
             &mut || {},
             progress,
-            false,
+            Check::Host { defer: false },
         )?;
         Ok(crc)
     }
@@ -717,6 +787,7 @@ impl BlobFd {
         apply: &Apply<'_>,
         progress: &mut dyn FnMut(u64, u64),
         filled: &mut dyn FnMut(u64) -> std::io::Result<()>,
+        host_crc: bool,
     ) -> Result<u32, CheckpointError> {
         let blob_len = self.blob_len(regions)?;
         let writing = std::cell::Cell::new(0.0);
@@ -737,7 +808,11 @@ impl BlobFd {
                 waited.set(waited.get() + t.elapsed().as_secs_f64());
                 r
             },
-            true,
+            if host_crc {
+                ReadCrc::Following
+            } else {
+                ReadCrc::Skip
+            },
             &writing,
         )?;
         super::phases::add("(waiting for the source)", waited.get());
@@ -1077,7 +1152,8 @@ pub fn preload_restore(file: &File, base: u64, total: u64) -> bool {
 /// Restore's direct path: `total` blob bytes at offset `base` of `file` go from the file's pages to `apply` (the
 /// device, by DMA) without buffers, while CRC threads checksum them. `Ok(None)` when it does not apply (not turned
 /// on, see [`direct_restore`]; not tmpfs; the file cannot be reopened for a shared mapping): the caller uses the
-/// buffered pipeline. Returns the blob's CRC.
+/// buffered pipeline. Returns the blob's CRC (0 with [`ReadCrc::Skip`]).
+#[allow(clippy::too_many_arguments)]
 pub fn consume_mapped(
     file: &File,
     base: u64,
@@ -1086,6 +1162,7 @@ pub fn consume_mapped(
     apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
     backend: &Arc<dyn Backend>,
+    crc: ReadCrc,
 ) -> Result<Option<u32>, CheckpointError> {
     if !direct_restore() {
         return Ok(None);
@@ -1133,7 +1210,7 @@ pub fn consume_mapped(
             Ok(())
         };
         apply_mapped(
-            &map, lead, blob_len, regions, apply, progress, &wait_for, false, &writing,
+            &map, lead, blob_len, regions, apply, progress, &wait_for, crc, &writing,
         )
     });
     let refused = status.iter().filter(|s| s.load(Relaxed) == REFUSED).count();
@@ -1177,12 +1254,13 @@ fn apply_mapped(
     apply: &Apply<'_>,
     progress: &mut dyn FnMut(u64, u64),
     before: &dyn Fn(usize, usize) -> Result<(), CheckpointError>,
-    crc_follows: bool,
+    crc: ReadCrc,
     writing: &std::cell::Cell<f64>,
 ) -> Result<u32, CheckpointError> {
     let starts = region_starts(regions);
     let total = blob_len as u64;
-    crc_alongside(map, lead, blob_len, crc_follows, |done| {
+    let crc_follows = crc == ReadCrc::Following;
+    let mut copy = |done: &mut dyn FnMut(usize)| {
         let mut region = 0;
         pieces(lead, blob_len, |pos, n| {
             let (i, off) = locate(regions, &starts, &mut region, pos as u64).ok_or_else(|| {
@@ -1201,7 +1279,21 @@ fn apply_mapped(
             progress((pos + n) as u64, total);
             Ok(n)
         })
-    })
+    };
+    if crc == ReadCrc::Skip {
+        return copy(&mut |_| {}).map(|()| 0);
+    }
+    crc_alongside(map, lead, blob_len, crc_follows, copy)
+}
+
+/// Whether and how [`apply_mapped`] checksums what it hands over on the host: CRC threads reading alongside (the
+/// bytes are all there), following the hand-over (they arrive while it runs), or not at all (the device checksums
+/// them afterwards, see [`super::devcrc`]; the CRC returned is then 0).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ReadCrc {
+    Alongside,
+    Following,
+    Skip,
 }
 
 /// Workers of a buffered restore that also take chunks of a tmpfs image by DMA from the file's own pages

@@ -850,24 +850,45 @@ pub fn consume_blob(
     progress: &mut dyn FnMut(u64, u64),
     pin: Option<&Arc<dyn Backend>>,
 ) -> Result<u32, CheckpointError> {
+    consume_blob_checked(regions, source, apply, progress, pin, true)
+        .map(|c| c.expect("checksummed on the host"))
+}
+
+/// [`consume_blob`]; with `host_crc` false, the paths where the device reads the blob's pages in place do not
+/// checksum them on the host and return `None` (the caller has the device do it, see [`super::devcrc`]).
+pub fn consume_blob_checked(
+    regions: &[Region],
+    source: &mut dyn BlobSource,
+    apply: &Apply<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+    pin: Option<&Arc<dyn Backend>>,
+    host_crc: bool,
+) -> Result<Option<u32>, CheckpointError> {
     let total: u64 = regions.iter().map(|r| r.bytes).sum();
     let pin_ref = pin.map(|b| b.as_ref());
+    let checked = |crc: u32| host_crc.then_some(crc);
     if pin.is_some() {
         if let Some(mut l) = source.locked() {
-            let crc = l.fd.drain(regions, apply, progress, &mut l.filled)?;
+            let crc =
+                l.fd.drain(regions, apply, progress, &mut l.filled, host_crc)?;
             super::phases::mark("copy");
-            return Ok(crc);
+            return Ok(checked(crc));
         }
     }
     match source.positional(total) {
         Some(at) => {
             // An image on tmpfs restores by DMA straight from the file's pages (see `direct`).
             if let (Some(b), SrcKind::File { file, base }) = (pin, &at.0) {
-                if let Some(crc) =
-                    super::direct::consume_mapped(file, *base, total, regions, apply, progress, b)?
-                {
+                let how = if host_crc {
+                    super::direct::ReadCrc::Alongside
+                } else {
+                    super::direct::ReadCrc::Skip
+                };
+                if let Some(crc) = super::direct::consume_mapped(
+                    file, *base, total, regions, apply, progress, b, how,
+                )? {
                     super::phases::mark("copy");
-                    return Ok(crc);
+                    return Ok(checked(crc));
                 }
             }
             let n = workers();
@@ -901,7 +922,7 @@ pub fn consume_blob(
                 direct.as_ref().map(|d| (d, pinners)),
             );
             super::phases::mark("copy");
-            r
+            r.map(Some)
         }
         None => {
             // Two workers: one reads the stream while the other writes what it read.
@@ -911,7 +932,7 @@ pub fn consume_blob(
             let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
             let r = consume_with(regions, &input, 2, true, &mut pool, apply, progress, None);
             super::phases::mark("copy");
-            r
+            r.map(Some)
         }
     }
 }

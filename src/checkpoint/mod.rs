@@ -18,6 +18,7 @@
 //!
 //! Checkpointed state implements [`Persist`] and the states compose into the [`Manifest`](manifest::Manifest).
 
+pub mod devcrc;
 pub mod direct;
 pub mod format;
 pub mod image;

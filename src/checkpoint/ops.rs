@@ -3,7 +3,9 @@
 
 use super::direct::{self, BlobFd};
 use super::format::{Header, FLAG_BLOB_IN_FD, FLAG_TRAILING_BLOB_CRC};
-use super::image::{self, consume_blob, produce_blob, BlobSink, BlobSource, LoadedImage, CHUNK};
+use super::image::{
+    self, consume_blob_checked, produce_blob, BlobSink, BlobSource, LoadedImage, CHUNK,
+};
 use super::manifest::{self, DeviceImage, Manifest, Region, RegionKind, SessionImage};
 use super::{CheckpointError, Persist};
 use crate::backend::{Backend, HostSpan};
@@ -545,11 +547,19 @@ pub fn restore_state(
                 }
             }
         }
+        // With `DEVPROXY_DEVICE_CRC=1`, where the device reads the blob in place, it also checksums what it got.
+        let devcrc = super::devcrc::enabled()
+            .then(|| {
+                super::devcrc::DeviceCrc::new(backend)
+                    .map_err(|e| tracing::warn!("the host checks the blob CRC: {e}"))
+                    .ok()
+            })
+            .flatten();
         super::phases::mark("objects");
         ready()?;
         // Several reader threads apply chunks at once (see `image::consume_blob`).
         let pinned_data = parking_lot::Mutex::new(pinned_data);
-        let crc = consume_blob(
+        let crc = consume_blob_checked(
             &manifest.regions,
             source,
             &|i, r, off, src| match r.kind {
@@ -569,7 +579,22 @@ pub fn restore_state(
             },
             progress,
             Some(backend),
+            devcrc.is_none(),
         )?;
+        let pinned_data = pinned_data.into_inner();
+        let crc = match (crc, &devcrc) {
+            (Some(c), _) => c,
+            (None, Some(dc)) => {
+                let c = dc.blob_crc(
+                    &manifest.regions,
+                    |i| (manifest.regions[i].kind != RegionKind::Pinned).then(|| targets[i]),
+                    |i| &pinned_data[targets[i] as usize].1[..],
+                )?;
+                super::phases::mark("crc on the device");
+                c
+            }
+            (None, None) => unreachable!("the host checksums unless the device does"),
+        };
         let stored = match expected {
             ExpectedCrc::Known(c) => c,
             ExpectedCrc::Trailer => {
@@ -588,7 +613,7 @@ pub fn restore_state(
                 computed: crc,
             });
         }
-        Ok((pinned_data.into_inner(), manifest.blob_len()))
+        Ok((pinned_data, manifest.blob_len()))
     })();
     match r {
         Ok((pinned_data, bytes)) => Ok(Rebuilt {

@@ -508,6 +508,26 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     let h2 = super::format::Header::decode(&p2, Some(p2.len() as u64), "p2").unwrap();
     assert_eq!(h2.blob_crc, ha.blob_crc, "deferred CRC");
     assert!(p2[h..] == a[h..], "deferred CRC: the same bytes");
+    // With the device checksumming its regions (`DEVPROXY_DEVICE_CRC=1`): the same image.
+    let on_device = tempfile::tempdir_in(shm).unwrap();
+    super::devcrc::FORCE.with(|f| f.set(true));
+    let prep = Prepared::new(on_device.path(), planned, &b)
+        .unwrap()
+        .unwrap();
+    super::devcrc::FORCE.with(|f| f.set(false));
+    let w3 = super::ops::checkpoint_to_dir(
+        &b,
+        &cap,
+        on_device.path(),
+        true,
+        Some(prep),
+        &mut || {},
+        &mut |_, _| {},
+    );
+    let p3 = std::fs::read(&w3.unwrap().path).unwrap();
+    let h3 = super::format::Header::decode(&p3, Some(p3.len() as u64), "p3").unwrap();
+    assert_eq!(h3.blob_crc, ha.blob_crc, "device CRC");
+    assert!(p3[h..] == a[h..], "device CRC: the same bytes");
     // The image restores.
     let before = snapshot(&b, &st);
     st.teardown();
@@ -527,6 +547,16 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst) > direct,
         "an image on tmpfs restores through its mapped pages"
     );
+    // The same with the device checksumming what it got instead of host threads (`DEVPROXY_DEVICE_CRC=1`).
+    super::devcrc::FORCE.with(|f| f.set(true));
+    super::phases::start();
+    restores_exactly("direct restore checked on the device");
+    let phases = super::phases::take();
+    assert!(
+        phases.iter().any(|(n, _)| n == "crc on the device"),
+        "{phases:?}"
+    );
+    super::devcrc::FORCE.with(|f| f.set(false));
     // A mapping made and faulted in ahead (`devproxy restore` does it while the driver starts) is the one used, and
     // the restore is exact; one made for another file range is not used.
     let (file, base, len) = super::image::LoadedImage::open(fast.path())
@@ -573,6 +603,11 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     flip(&w.path, w.file_bytes - 1);
     let e = err_of(restore(&b, fast.path()));
     assert!(e.contains("CRC"), "{e}");
+    assert_eq!(b.mem_info().0, free);
+    super::devcrc::FORCE.with(|f| f.set(true));
+    let e = err_of(restore(&b, fast.path()));
+    super::devcrc::FORCE.with(|f| f.set(false));
+    assert!(e.contains("CRC"), "checked on the device: {e}");
     assert_eq!(b.mem_info().0, free);
     flip(&w.path, w.file_bytes - 1);
 
