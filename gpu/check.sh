@@ -10,11 +10,13 @@
 #                              (`restore --trial`) before the real restore: buffered (pread into page-locked buffers),
 #                              direct (DMA from the image's own pages), mmap (buffers filled from a mapping of the
 #                              image), threadsN (N copy workers), chunkN (N MiB per worker read, so its buffer stays in
-#                              the CPU caches until the device reads it); "" for none
+#                              the CPU caches until the device reads it), devcrc (the device checks the CRC of what
+#                              it read in place: DEVPROXY_DEVICE_CRC=1); "" for none
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
 #                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1),
-#                              crcafter (direct, the checkpoint's CRC after the device's copy: DEVPROXY_CRC_AFTER_COPY=1)
+#                              crcafter (direct, the checkpoint's CRC after the device's copy: DEVPROXY_CRC_AFTER_COPY=1),
+#                              devcrc (direct, CRCs computed by the device: DEVPROXY_DEVICE_CRC=1)
 set -u
 cd "$(dirname "$0")/.."
 B=${GPU_BIN:-$PWD/.gpu}
@@ -43,7 +45,7 @@ BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without 
 GIBS=${GIBS:-"1 16"}
 STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
-RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct mmap chunk4 chunk16 mmap+chunk4"}
+RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct direct+devcrc mmap chunk4 chunk16 mmap+chunk4"}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
@@ -180,11 +182,12 @@ if want throughput; then
   for gib in $GIBS; do
     cleanup_servers
     S="$DEVPROXY_RUNTIME_DIR/t.sock"
-    unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT DEVPROXY_CRC_AFTER_COPY
+    unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT DEVPROXY_CRC_AFTER_COPY DEVPROXY_DEVICE_CRC
     case $mode in
       buffered) export DEVPROXY_IMAGE_DIRECT=0 ;;
       mmap) export DEVPROXY_IMAGE_DIRECT=0 DEVPROXY_IMAGE_MMAP=1 ;;
       crcafter) export DEVPROXY_CRC_AFTER_COPY=1 ;;
+      devcrc) export DEVPROXY_DEVICE_CRC=1 ;;
     esac
     serve "$S"
     rm -f "$W/go"
@@ -207,6 +210,7 @@ if want throughput; then
           mmap) e+=(DEVPROXY_RESTORE_READ=mmap) ;;
           threads*) e+=(DEVPROXY_IO_THREADS=${part#threads}) ;;
           chunk*) e+=(DEVPROXY_RESTORE_CHUNK_MIB=${part#chunk}) ;;
+          devcrc) e+=(DEVPROXY_DEVICE_CRC=1) ;;
         esac
       done
       r=$(env "${e[@]}" timeout 120 "$B/devproxy" restore "$W/img-t" --backend "$BACKEND" --trial 2>>"$LOG" | grep -m1 'GB/s')
@@ -253,7 +257,7 @@ if want throughput; then
     cleanup_servers
   done
   done
-  unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT DEVPROXY_CRC_AFTER_COPY
+  unset DEVPROXY_IMAGE_MMAP DEVPROXY_IMAGE_DIRECT DEVPROXY_CRC_AFTER_COPY DEVPROXY_DEVICE_CRC
 fi
 
 # ---- 7b. host memory bandwidth, no device (examples/hostmem.rs): read, memcpy, pread from tmpfs in 2 MiB slices with
