@@ -660,6 +660,8 @@ pub struct BlobFd {
     file: Option<File>,
     map: PinnedMap,
     backend: Arc<dyn Backend>,
+    /// The device's CRC kernel for [`BlobFd::fill`], loaded with the file (`DEVPROXY_DEVICE_CRC=1`).
+    devcrc: Option<Box<super::devcrc::DeviceCrc>>,
 }
 
 impl BlobFd {
@@ -681,6 +683,18 @@ impl BlobFd {
         file.set_len(len).ok()?;
         let map = PinnedMap::new(&file, 0, size)?;
         BlobFd::lock(Some(file), map, backend, "migration streams its blob")
+            .map(BlobFd::with_devcrc)
+    }
+
+    /// Loads the device's CRC kernel for [`BlobFd::fill`] where `DEVPROXY_DEVICE_CRC=1` asks for it.
+    fn with_devcrc(mut self) -> BlobFd {
+        if super::devcrc::enabled() {
+            self.devcrc = super::devcrc::DeviceCrc::new(&self.backend)
+                .map_err(|e| tracing::warn!("the host computes the blob CRC: {e}"))
+                .ok()
+                .map(Box::new);
+        }
+        self
     }
 
     /// Like [`BlobFd::new`], in private memory of this process instead of a memory file (a suspension's blob, which
@@ -693,6 +707,7 @@ impl BlobFd {
         }
         let map = PinnedMap::anonymous(usize::try_from(len).ok()?)?;
         BlobFd::lock(None, map, backend, "suspension keeps its blob in a buffer")
+            .map(BlobFd::with_devcrc)
     }
 
     /// Faults `map` in and page-locks it; `None` (said with `why`) where that fails.
@@ -706,6 +721,7 @@ impl BlobFd {
             file,
             map,
             backend: backend.clone(),
+            devcrc: None,
         };
         if let Err(e) = b.map.populate() {
             tracing::info!("{why}: faulting in a memory file: {e}");
@@ -772,7 +788,10 @@ impl BlobFd {
             fill,
             &mut || {},
             progress,
-            Check::Host { defer: false },
+            match &self.devcrc {
+                Some(dc) => Check::Device(dc),
+                None => Check::Host { defer: false },
+            },
         )?;
         Ok(crc)
     }
