@@ -167,6 +167,19 @@ impl Env {
         self.ok(&args)
     }
 
+    /// `devproxy migrate --server FROM --pid PID --to TO`: (success, output).
+    fn migrate(&self, from: &Path, pid: &str, to: &Path) -> (bool, String) {
+        let (from, to) = (from.to_str().unwrap(), to.to_str().unwrap());
+        self.devproxy(&["migrate", "--server", from, "--pid", pid, "--to", to])
+    }
+
+    /// [`Env::migrate`] that must succeed; its summary.
+    fn migrated(&self, from: &Path, pid: &str, to: &Path) -> String {
+        let (ok, s) = self.migrate(from, pid, to);
+        assert!(ok, "migrate failed: {s}");
+        s
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let (ok, s) = self.devproxy(args);
         assert!(ok, "devproxy {args:?} failed: {s}");
@@ -350,16 +363,33 @@ fn sessions(server: &Path) -> Vec<control::SessionRow> {
     }
 }
 
-#[test]
-fn checkpoint_stop_kill_server_restore_gives_identical_output() {
-    let _g = serial();
+/// The start most tests share: the serial guard (bind it to `_g` so that it lives as long as the test), the
+/// reference output, the environment, one server (`a.sock`, its index) and `train` on it run to `step`, its pid.
+type OneRun = (
+    std::sync::MutexGuard<'static, ()>,
+    String,
+    Env,
+    PathBuf,
+    usize,
+    Run,
+    String,
+);
+
+fn one_run(step: u32) -> OneRun {
+    let g = serial();
     let want = reference(TRAIN);
     let mut env = Env::new();
     let sock = env.path("a.sock");
     let srv = env.serve(&sock, &[], &[]);
     let mut run = Run::start(&env, Some(&sock), TRAIN);
-    run.wait_for_step(3);
+    run.wait_for_step(step);
     let pid = pid_on(&sock, "train").to_string();
+    (g, want, env, sock, srv, run, pid)
+}
+
+#[test]
+fn checkpoint_stop_kill_server_restore_gives_identical_output() {
+    let (_g, want, mut env, sock, srv, mut run, pid) = one_run(3);
     let img = env.path("img");
     let s = env.checkpoint(&sock, &pid, &img, true);
     assert!(s.contains("checkpoint of pid") && s.contains("GB/s"), "{s}");
@@ -382,14 +412,7 @@ fn checkpoint_stop_kill_server_restore_gives_identical_output() {
 /// unchanged.
 #[test]
 fn a_stale_image_restored_first_is_refused_and_the_process_waits_for_the_right_one() {
-    let _g = serial();
-    let want = reference(TRAIN);
-    let mut env = Env::new();
-    let sock = env.path("a.sock");
-    let srv = env.serve(&sock, &[], &[]);
-    let mut run = Run::start(&env, Some(&sock), TRAIN);
-    run.wait_for_step(2);
-    let pid = pid_on(&sock, "train").to_string();
+    let (_g, want, mut env, sock, srv, mut run, pid) = one_run(2);
     let (old, new) = (env.path("old"), env.path("new"));
     env.checkpoint(&sock, &pid, &old, false);
     run.wait_for_step(4);
@@ -425,15 +448,7 @@ fn live_migration_gives_identical_output_and_refuses_another_device_size() {
     run.wait_for_step(2);
     let pid = pid_on(&a, "train").to_string();
     // A target with another arena size refuses; the process continues where it is.
-    let (ok, s) = env.devproxy(&[
-        "migrate",
-        "--server",
-        a.to_str().unwrap(),
-        "--pid",
-        &pid,
-        "--to",
-        c.to_str().unwrap(),
-    ]);
+    let (ok, s) = env.migrate(&a, &pid, &c);
     assert!(!ok, "{s}");
     assert!(
         s.contains("8.00 GiB arena") && s.contains("16.00 GiB arena"),
@@ -441,15 +456,7 @@ fn live_migration_gives_identical_output_and_refuses_another_device_size() {
     );
     assert!(sessions(&c).is_empty());
     run.wait_for_step(4);
-    let s = env.ok(&[
-        "migrate",
-        "--server",
-        a.to_str().unwrap(),
-        "--pid",
-        &pid,
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let s = env.migrated(&a, &pid, &b);
     assert!(s.contains("migration of pid"), "{s}");
     // Both servers are on this machine: the blob goes over as a memory file, not through the socket (unless the
     // direct path is turned off, as scripts/test does once to cover the streamed path).
@@ -477,11 +484,10 @@ fn live_migration_gives_identical_output_and_refuses_another_device_size() {
     // on over a new connection, and the target reads the file through its buffers.
     let d = env.path("d.sock");
     env.serve(&d, &[], &[("DEVPROXY_IMAGE_DIRECT", "0")]);
-    let (b_s, d_s) = (b.to_str().unwrap(), d.to_str().unwrap());
     wait_until(Duration::from_secs(30), "the process to re-attach", || {
         sessions(&b).iter().any(|r| r.state == "running")
     });
-    let s = env.ok(&["migrate", "--server", b_s, "--pid", &pid, "--to", d_s]);
+    let s = env.migrated(&b, &pid, &d);
     assert!(s.contains("migration of pid"), "{s}");
     if std::env::var("DEVPROXY_IMAGE_DIRECT").as_deref() != Ok("0") {
         assert!(
@@ -510,15 +516,7 @@ fn a_migration_target_that_dies_after_page_locking_leaves_the_process_running() 
     let mut run = Run::start(&env, Some(&a), TRAIN);
     run.wait_for_step(2);
     let pid = pid_on(&a, "train").to_string();
-    let (ok, s) = env.devproxy(&[
-        "migrate",
-        "--server",
-        a.to_str().unwrap(),
-        "--pid",
-        &pid,
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let (ok, s) = env.migrate(&a, &pid, &b);
     assert!(!ok, "{s}");
     assert!(
         s.contains("failed (it continues here)") && s.contains("closed the connection"),
@@ -531,13 +529,7 @@ fn a_migration_target_that_dies_after_page_locking_leaves_the_process_running() 
 /// A process killed while suspended: its server lets go of the host memory that held its device state.
 #[test]
 fn a_process_killed_while_suspended_has_its_host_memory_released() {
-    let _g = serial();
-    let mut env = Env::new();
-    let a = env.path("a.sock");
-    env.serve(&a, &[], &[]);
-    let mut run = Run::start(&env, Some(&a), TRAIN);
-    run.wait_for_step(2);
-    let pid = pid_on(&a, "train").to_string();
+    let (_g, _, env, a, _, mut run, pid) = one_run(2);
     env.ok(&["suspend", "--server", a.to_str().unwrap(), "--pid", &pid]);
     let st = Command::new("kill").args(["-9", &pid]).status().unwrap();
     assert!(st.success());
@@ -553,14 +545,7 @@ fn a_process_killed_while_suspended_has_its_host_memory_released() {
 
 #[test]
 fn suspend_frees_the_device_and_resume_continues() {
-    let _g = serial();
-    let want = reference(TRAIN);
-    let mut env = Env::new();
-    let a = env.path("a.sock");
-    env.serve(&a, &[], &[]);
-    let mut run = Run::start(&env, Some(&a), TRAIN);
-    run.wait_for_step(3);
-    let pid = pid_on(&a, "train").to_string();
+    let (_g, want, env, a, _, run, pid) = one_run(3);
     let s = env.ok(&["suspend", "--server", a.to_str().unwrap(), "--pid", &pid]);
     let direct = std::env::var("DEVPROXY_IMAGE_DIRECT").as_deref() != Ok("0");
     assert!(
@@ -622,15 +607,7 @@ fn two_processes_one_checkpointed_and_migrated_the_other_undisturbed() {
     let s = env.checkpoint(&a, &p1, &img, false);
     assert!(s.contains("paused"), "{s}");
     one.wait_for_step(4);
-    env.ok(&[
-        "migrate",
-        "--server",
-        a.to_str().unwrap(),
-        "--pid",
-        &p1,
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    env.migrated(&a, &p1, &b);
     assert_eq!(sessions(&a).len(), 1);
     assert_eq!(one.finish(), want1);
     assert_eq!(two.finish(), want2);
@@ -666,14 +643,7 @@ fn variant(src: &Path, dst: &Path, f: impl FnOnce(&mut Vec<u8>)) {
 
 #[test]
 fn damaged_images_are_refused_and_the_process_waits_for_a_good_one() {
-    let _g = serial();
-    let want = reference(TRAIN);
-    let mut env = Env::new();
-    let sock = env.path("a.sock");
-    let srv = env.serve(&sock, &[], &[]);
-    let mut run = Run::start(&env, Some(&sock), TRAIN);
-    run.wait_for_step(3);
-    let pid = pid_on(&sock, "train").to_string();
+    let (_g, want, mut env, sock, srv, mut run, pid) = one_run(3);
     let img = env.path("img");
     env.checkpoint(&sock, &pid, &img, true);
     env.kill(srv);

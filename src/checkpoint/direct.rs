@@ -130,52 +130,37 @@ impl PinnedMap {
     /// Maps `len` bytes of `file` from offset `off` (a multiple of the page size). `None` if `mmap` refuses.
     fn new(file: &File, off: u64, len: usize) -> Option<PinnedMap> {
         let off = libc::off_t::try_from(off).ok()?;
-        // SAFETY: a fresh shared mapping chosen by the kernel, of a range the caller sized the file for.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED || len == 0 {
-            return None;
-        }
-        // Huge pages where the shared-memory filesystem allows them (a memory file with
-        // /sys/kernel/mm/transparent_hugepage/shmem_enabled = advise, a tmpfs mounted with huge=advise): 512 times
-        // fewer faults to prepare, and fewer pages to lock and to DMA into. Ignored elsewhere.
-        // SAFETY: our fresh mapping; MADV_HUGEPAGE changes how it is backed, never its contents.
-        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-        Some(PinnedMap {
-            ptr: ptr.cast(),
-            len,
-            registered: Vec::new(),
-        })
+        PinnedMap::map(len, libc::MAP_SHARED, file.as_raw_fd(), off)
     }
 
-    /// `len` bytes of private anonymous memory, huge pages asked for (transparent huge pages for anonymous memory are
-    /// commonly on for `madvise`, where shared memory files get none): for memory only this process uses.
+    /// `len` bytes of private anonymous memory, for memory only this process uses: transparent huge pages for
+    /// anonymous memory are commonly on for `madvise`, where shared memory files get none.
     fn anonymous(len: usize) -> Option<PinnedMap> {
+        PinnedMap::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    }
+
+    /// A fresh read-write mapping (`flags`, of `fd` at `off`), huge pages asked for.
+    fn map(len: usize, flags: i32, fd: i32, off: libc::off_t) -> Option<PinnedMap> {
         if len == 0 {
             return None;
         }
-        // SAFETY: a fresh private anonymous mapping chosen by the kernel.
+        // SAFETY: a fresh mapping chosen by the kernel; for a file, of a range the caller sized it for.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+                flags,
+                fd,
+                off,
             )
         };
         if ptr == libc::MAP_FAILED {
             return None;
         }
+        // Huge pages where the memory allows them (anonymous memory with transparent huge pages on `madvise`; a
+        // memory file with /sys/kernel/mm/transparent_hugepage/shmem_enabled = advise; a tmpfs mounted with
+        // huge=advise): 512 times fewer faults to prepare, and fewer pages to lock and to DMA into. Ignored elsewhere.
         // SAFETY: our fresh mapping; MADV_HUGEPAGE changes how it is backed, never its contents.
         unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         Some(PinnedMap {
