@@ -31,17 +31,7 @@ const NON_BLOCKING: u32 = 1;
 
 /// Whether checkpoints and restores checksum device regions on the device: `DEVPROXY_DEVICE_CRC=1`.
 pub fn enabled() -> bool {
-    #[cfg(test)]
-    if FORCE.with(|f| f.get()) {
-        return true;
-    }
-    std::env::var("DEVPROXY_DEVICE_CRC").is_ok_and(|v| v == "1")
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests turn device CRCs on, on their thread, regardless of the environment.
-    pub static FORCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    super::switch("DEVPROXY_DEVICE_CRC", "1")
 }
 
 /// The CRC kernel loaded on a backend, with its own context, stream and result buffer (all released on drop).

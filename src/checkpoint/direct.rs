@@ -959,17 +959,7 @@ fn crc_alongside(
 /// 40-47 GB/s; if the CRC's reads are what slows the copy, deferring them shortens the pause (and lengthens the
 /// command by the CRC time). Not yet measured on a GPU.
 fn crc_after_copy() -> bool {
-    #[cfg(test)]
-    if FORCE_CRC_AFTER_COPY.with(|f| f.get()) {
-        return true;
-    }
-    std::env::var("DEVPROXY_CRC_AFTER_COPY").is_ok_and(|v| v == "1")
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests defer the CRC on their thread, regardless of the environment.
-    pub static FORCE_CRC_AFTER_COPY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    super::switch("DEVPROXY_CRC_AFTER_COPY", "1")
 }
 
 /// Registration states of a span during a direct restore.
@@ -980,11 +970,6 @@ const REFUSED: u8 = 2;
 /// Direct restores done (tests check that the path was taken).
 #[cfg(test)]
 pub static DIRECT_RESTORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-#[cfg(test)]
-thread_local! {
-    /// Tests turn the direct restore on, on their thread, regardless of the environment.
-    pub static FORCE_DIRECT_RESTORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
 
 /// Whether restores read tmpfs images through their page-locked pages: opt-in (`DEVPROXY_IMAGE_DIRECT_RESTORE=1`).
 /// Measured on the H100 host (2026-11-26 23:53 UTC), page-locking 16 GiB of existing pages took about 2 s, so the
@@ -994,11 +979,7 @@ thread_local! {
 /// locked pages; the first now overlaps the driver's start and the second runs after the restore (not yet measured
 /// on a GPU: `RESTORE_DIRECT=1 gpu/check.sh` compares).
 fn direct_restore() -> bool {
-    #[cfg(test)]
-    if FORCE_DIRECT_RESTORE.with(|f| f.get()) {
-        return true;
-    }
-    enabled() && std::env::var("DEVPROXY_IMAGE_DIRECT_RESTORE").is_ok_and(|v| v == "1")
+    enabled() && super::switch("DEVPROXY_IMAGE_DIRECT_RESTORE", "1")
 }
 
 /// The blob's range of a tmpfs image (`total` bytes at `base` of a file), as page-locking needs it mapped: the same
@@ -1060,17 +1041,7 @@ static PRELOADED: parking_lot::Mutex<Option<Preloaded>> = parking_lot::const_mut
 /// the development VM a copy from a populated mapping ran ~25% faster per thread than `pread` (examples/hostmem);
 /// whether that holds with 16 threads next to the device's DMA is for the GPU check to show.
 pub fn mapped_reads() -> bool {
-    #[cfg(test)]
-    if FORCE_MAPPED_READS.with(|f| f.get()) {
-        return true;
-    }
-    enabled() && std::env::var("DEVPROXY_RESTORE_READ").is_ok_and(|v| v == "mmap")
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests turn mapped reads on, on their thread, regardless of the environment.
-    pub static FORCE_MAPPED_READS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    enabled() && super::switch("DEVPROXY_RESTORE_READ", "mmap")
 }
 
 /// A tmpfs image's blob mapped for reading (see [`mapped_reads`]); unmapped on drop.

@@ -133,6 +133,34 @@ pub fn suspended_bytes(server: &Server, id: u64) -> Option<u64> {
     ops::suspended_bytes(server, id)
 }
 
+/// Whether an opt-in switch is on: the environment variable `var` is `value` (tests: or they forced `var` on for
+/// their thread, see [`force`]).
+pub(crate) fn switch(var: &str, value: &str) -> bool {
+    #[cfg(test)]
+    if FORCED.with(|f| f.borrow().contains(var)) {
+        return true;
+    }
+    std::env::var(var).is_ok_and(|v| v == value)
+}
+
+#[cfg(test)]
+thread_local! {
+    static FORCED: std::cell::RefCell<std::collections::HashSet<String>> = Default::default();
+}
+
+/// Tests: turns the switch `var` on or off for this thread, whatever the environment says.
+#[cfg(test)]
+pub(crate) fn force(var: &str, on: bool) {
+    FORCED.with(|f| {
+        let mut f = f.borrow_mut();
+        if on {
+            f.insert(var.to_string());
+        } else {
+            f.remove(var);
+        }
+    });
+}
+
 /// Releases what a suspension of session `id` still holds once the session ended (see `ops::forget_suspended`).
 pub fn session_ended(server: &Server, id: u64) {
     ops::forget_suspended(server, id)

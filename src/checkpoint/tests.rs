@@ -493,7 +493,7 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     // With the CRC deferred until the device's copy is complete (`DEVPROXY_CRC_AFTER_COPY=1`): the same image.
     let later = tempfile::tempdir_in(shm).unwrap();
     let prep = Prepared::new(later.path(), planned, &b).unwrap().unwrap();
-    super::direct::FORCE_CRC_AFTER_COPY.with(|f| f.set(true));
+    super::force("DEVPROXY_CRC_AFTER_COPY", true);
     let w2 = super::ops::checkpoint_to_dir(
         &b,
         &cap,
@@ -503,18 +503,18 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         &mut || {},
         &mut |_, _| {},
     );
-    super::direct::FORCE_CRC_AFTER_COPY.with(|f| f.set(false));
+    super::force("DEVPROXY_CRC_AFTER_COPY", false);
     let p2 = std::fs::read(&w2.unwrap().path).unwrap();
     let h2 = super::format::Header::decode(&p2, Some(p2.len() as u64), "p2").unwrap();
     assert_eq!(h2.blob_crc, ha.blob_crc, "deferred CRC");
     assert!(p2[h..] == a[h..], "deferred CRC: the same bytes");
     // With the device checksumming its regions (`DEVPROXY_DEVICE_CRC=1`): the same image.
     let on_device = tempfile::tempdir_in(shm).unwrap();
-    super::devcrc::FORCE.with(|f| f.set(true));
+    super::force("DEVPROXY_DEVICE_CRC", true);
     let prep = Prepared::new(on_device.path(), planned, &b)
         .unwrap()
         .unwrap();
-    super::devcrc::FORCE.with(|f| f.set(false));
+    super::force("DEVPROXY_DEVICE_CRC", false);
     let w3 = super::ops::checkpoint_to_dir(
         &b,
         &cap,
@@ -540,7 +540,7 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     super::direct::FORCE_PINNERS.with(|f| f.set(Some(4)));
     restores_exactly("mixed restore is exact");
     super::direct::FORCE_PINNERS.with(|f| f.set(None));
-    super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(true));
+    super::force("DEVPROXY_IMAGE_DIRECT_RESTORE", true);
     let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
     restores_exactly("device memory restored exactly");
     assert!(
@@ -548,7 +548,7 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         "an image on tmpfs restores through its mapped pages"
     );
     // The same with the device checksumming what it got instead of host threads (`DEVPROXY_DEVICE_CRC=1`).
-    super::devcrc::FORCE.with(|f| f.set(true));
+    super::force("DEVPROXY_DEVICE_CRC", true);
     super::phases::start();
     restores_exactly("direct restore checked on the device");
     let phases = super::phases::take();
@@ -556,7 +556,7 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         phases.iter().any(|(n, _)| n == "crc on the device"),
         "{phases:?}"
     );
-    super::devcrc::FORCE.with(|f| f.set(false));
+    super::force("DEVPROXY_DEVICE_CRC", false);
     // A mapping made and faulted in ahead (`devproxy restore` does it while the driver starts) is the one used, and
     // the restore is exact; one made for another file range is not used.
     let (file, base, len) = super::image::LoadedImage::open(fast.path())
@@ -580,8 +580,8 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
     restores_exactly("restored exactly from the preloaded mapping");
     assert_eq!(used(), before_used + 1, "the preloaded mapping is used");
     // Buffered restores copying out of a mapping of the image (`DEVPROXY_RESTORE_READ=mmap`), preloaded or not.
-    super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(false));
-    super::direct::FORCE_MAPPED_READS.with(|f| f.set(true));
+    super::force("DEVPROXY_IMAGE_DIRECT_RESTORE", false);
+    super::force("DEVPROXY_RESTORE_READ", true);
     let direct = super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst);
     restores_exactly("mapped reads restore exactly");
     assert!(super::direct::preload_restore(&file, base, len));
@@ -596,17 +596,17 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         direct,
         "buffered, not direct"
     );
-    super::direct::FORCE_MAPPED_READS.with(|f| f.set(false));
-    super::direct::FORCE_DIRECT_RESTORE.with(|f| f.set(true));
+    super::force("DEVPROXY_RESTORE_READ", false);
+    super::force("DEVPROXY_IMAGE_DIRECT_RESTORE", true);
     // A damaged blob is refused on the direct path too, and nothing stays allocated.
     let free = b.mem_info().0;
     flip(&w.path, w.file_bytes - 1);
     let e = err_of(restore(&b, fast.path()));
     assert!(e.contains("CRC"), "{e}");
     assert_eq!(b.mem_info().0, free);
-    super::devcrc::FORCE.with(|f| f.set(true));
+    super::force("DEVPROXY_DEVICE_CRC", true);
     let e = err_of(restore(&b, fast.path()));
-    super::devcrc::FORCE.with(|f| f.set(false));
+    super::force("DEVPROXY_DEVICE_CRC", false);
     assert!(e.contains("CRC"), "checked on the device: {e}");
     assert_eq!(b.mem_info().0, free);
     flip(&w.path, w.file_bytes - 1);
