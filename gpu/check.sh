@@ -423,6 +423,37 @@ if want nccl2; then
   else
     fail "nccl2: 2 ranks: reference '$r', rank 0 '${p0:-none}', rank 1 '${p1:-none}': $(grep -h -m1 -iE 'error|panic|refused' "$W/ddp2.0.err" "$W/ddp2.1.err" | head -n2 | tr '\n' ' ')"
   fi
+  # The same job checkpointed with --stop, both servers killed, and each rank restored by its own
+  # `devproxy restore --ranks R` (with its server's NCCL_HOSTID; one attempt name for both), which re-create the
+  # communicator under a new unique id that rank 0's server publishes in the job image's directory.
+  cleanup_servers
+  NCCL_HOSTID=devproxy-rank0 serve "$S1"; NCCL_HOSTID=devproxy-rank1 serve "$S2"
+  rm -rf "$W/ddp2c.id" "$W/ddp2-img"
+  for r in 0 1; do
+    S=$S1; [ $r = 1 ] && S=$S2
+    timeout 240 "$B/devproxy" run --server "$S" -- "$DDP" --ranks 2 --rank $r --id-file "$W/ddp2c.id" --steps 60 --step-delay-ms 40 >"$W/ddp2c.$r" 2>"$W/ddp2c.$r.err" &
+  done
+  job=""
+  for _ in $(seq 300); do
+    job=$("$B/devproxy" ps --server "$S1" 2>>"$LOG" | awk 'f && NF { print $1; exit } /NCCL JOB/ { f = 1 }')
+    [ -n "$job" ] && break; sleep 0.1
+  done
+  sleep 1
+  timeout 120 "$B/devproxy" checkpoint --job "${job:-none}" --stop --out "$W/ddp2-img" 2>&1 | tee -a "$LOG" | sed 's/^/  /' | tee -a "$SUM" >/dev/null
+  pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S1"; pkill -9 -f "$B/devproxy serve --backend $BACKEND --socket $S2"
+  sleep 0.3
+  for r in 0 1; do
+    ( DEVPROXY_RESTORE_ATTEMPT=gpucheck NCCL_HOSTID=devproxy-rank$r timeout 240 "$B/devproxy" restore "$W/ddp2-img" --ranks $r --backend "$BACKEND" >>"$LOG" 2>&1 & )
+  done
+  wait
+  cat "$W/ddp2c.0.err" "$W/ddp2c.1.err" >>"$LOG"
+  ref=$(grep -m1 '^checksum' "$W/ddp2.ref")
+  p0=$(grep -m1 '^checksum' "$W/ddp2c.0"); p1=$(grep -m1 '^checksum' "$W/ddp2c.1")
+  if [ -n "$job" ] && [ -n "$ref" ] && [ "$ref" = "$p0" ] && [ "$ref" = "$p1" ]; then
+    pass "nccl2: the 2-rank job ($job) checkpointed with --stop, servers killed, ranks restored by two servers, real NCCL re-created: $p0 on both, identical to the CPU reference"
+  else
+    fail "nccl2: 2-rank job checkpoint/restore: job '${job:-not found}', reference '$ref', rank 0 '${p0:-none}', rank 1 '${p1:-none}': $(grep -h -m1 -iE 'error|panic|refused' "$W/ddp2c.0.err" "$W/ddp2c.1.err" | head -n2 | tr '\n' ' ')"
+  fi
   cleanup_servers
 fi
 

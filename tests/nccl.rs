@@ -346,6 +346,10 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
         .spawn()
         .unwrap();
     sb.adopt(restore);
+    // The restored ranks re-created their communicator under a new unique id (rank 0's restore server made it and
+    // published it in the job image's directory), so the job has a new name.
+    let again = job_on(&servers, 2);
+    assert_ne!(again, job, "the restored job kept its old unique id");
     for got in finish(kids, Duration::from_secs(40)) {
         assert_eq!(got, want, "{msg}");
     }

@@ -727,10 +727,10 @@ pub fn restore_cmd(
     )
     .map_err(|e| format!("restore refused, nothing was restored: {e}"))?;
     let mut rebuilt = rebuilt;
-    // An NCCL rank's communicators (nccl.state next to the image) rejoin their cliques; not in a drill, which would
-    // join the job's running ranks.
+    // An NCCL rank's communicators (nccl.state next to the image) are re-created with the job's other restored ranks;
+    // not in a drill, which would take part in the job's rendezvous.
     if !trial {
-        if let Err(e) = crate::nccl::restore::attach_saved(&img.path, &mut rebuilt.state) {
+        if let Err(e) = crate::nccl::restore::attach_saved(&img.path, &mut rebuilt.state, None) {
             rebuilt.state.teardown();
             return Err(format!("restore refused, nothing was restored: {e}"));
         }

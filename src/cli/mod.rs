@@ -87,9 +87,11 @@ pub enum Command {
     /// DIR is one process's image directory, or an NCCL job image (`devproxy checkpoint --job ID --out DIR`: a
     /// job.manifest and rank-R/ per rank). A job image restores every rank with one command: one restore server per
     /// server socket the ranks' processes poll (as recorded in their images), in the foreground until all end; each
-    /// restored rank rejoins its clique (a new rendezvous hub under the job's old id) and continues from the
-    /// collective the job was stopped before. Kill the old servers first (their sockets are reused). To restore ranks
-    /// on several machines, run `devproxy restore DIR --ranks R,...` on each, for the ranks whose processes live there.
+    /// restored rank re-creates its communicators with the others under new unique ids (rank 0's server makes each
+    /// and leaves it in DIR for the other ranks, so DIR must be writable) and continues from the collective the job
+    /// was stopped before. Kill the old servers first (their sockets are reused). To restore ranks on several
+    /// machines (or each with its own environment, e.g. NCCL_HOSTID), run `devproxy restore DIR --ranks R,...` for
+    /// each group of ranks, all with the same DEVPROXY_RESTORE_ATTEMPT=NAME (a name new to this image).
     Restore {
         /// The image directory (one process's, or an NCCL job's).
         dir: PathBuf,

@@ -81,15 +81,11 @@ fn hold_here(st: &mut SessionState, seg: &Segment, comm: &RankComm, ops: &[NcclO
             let device = DeviceImage::of(st.backend.info());
             // The group being held was taken from the ring but not executed: the restored session runs it first.
             let nccl = RankState::of(st, ops.to_vec());
-            // A real multi-rank communicator cannot be re-created at restore yet: refuse before writing.
-            let r = match nccl.refusal() {
-                Some(why) => Err(why),
-                None => capture(st, seg, cmd.who, device)
-                    .and_then(|cap| write_captured(&st.backend, &cap, &cmd.dir, &mut |_, _| {}))
-                    .map(|w| w.file_bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| nccl.write(&cmd.dir).map(|()| bytes)),
-            };
+            let r = capture(st, seg, cmd.who, device)
+                .and_then(|cap| write_captured(&st.backend, &cap, &cmd.dir, &mut |_, _| {}))
+                .map(|w| w.file_bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| nccl.write(&cmd.dir).map(|()| bytes));
             g = comm.hold.lock();
             if let Some(h) = g.as_mut() {
                 h.result = Some(r);
@@ -271,7 +267,7 @@ fn attach_pending(server: &Server, session: u64, state: &[u8]) -> Result<(), Str
     let p = pending
         .get_mut(&session)
         .ok_or_else(|| format!("no adopted session {session} waits here for its communicators"))?;
-    saved.attach(&mut p.state)
+    saved.attach(&mut p.state, super::state::Rejoin::Migration)
 }
 
 fn release(comms: &[Arc<RankComm>]) {

@@ -162,7 +162,7 @@ pub fn start() -> Result<UniqueId, String> {
     start_at(id).map_err(|e| format!("cannot listen on the NCCL hub socket: {e}"))
 }
 
-/// Starts a hub listening on the name `id` carries (a restored job's clique gets a new hub under its old id, so the
+/// Starts a hub listening on the name `id` carries (a migrated rank whose hub is gone starts a new one under the old id, so the
 /// restored ranks' unique ids stay valid). Fails with `AddrInUse` where a hub already listens there.
 pub fn start_at(id: UniqueId) -> std::io::Result<UniqueId> {
     let name = id

@@ -25,6 +25,7 @@ pub mod job;
 pub mod rank;
 pub mod real;
 pub mod reduce;
+pub mod rendezvous;
 pub mod restore;
 pub mod state;
 #[cfg(test)]

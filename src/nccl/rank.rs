@@ -125,7 +125,7 @@ impl RankComm {
         nranks: i32,
         session: u64,
     ) -> Result<Arc<RankComm>, String> {
-        Self::connect(id, rank, nranks, session, None)
+        Self::connect(id, rank, nranks, session, None, false)
     }
 
     /// Rejoins the clique `id` names with a saved position (a restored or migrated rank): the hub under that name
@@ -135,7 +135,18 @@ impl RankComm {
         saved: &super::state::CommImage,
         session: u64,
     ) -> Result<Arc<RankComm>, String> {
-        Self::connect(id, saved.rank, saved.nranks, session, Some(saved))
+        Self::connect(id, saved.rank, saved.nranks, session, Some(saved), true)
+    }
+
+    /// Joins the new clique `id` names (a restored rank's communicator, re-created under a new id whose hub rank 0's
+    /// server started) with a saved position. Unlike [`RankComm::rejoin`], never starts a hub: one missing under a
+    /// new id means rank 0's server is gone.
+    pub fn resume(
+        id: UniqueId,
+        saved: &super::state::CommImage,
+        session: u64,
+    ) -> Result<Arc<RankComm>, String> {
+        Self::connect(id, saved.rank, saved.nranks, session, Some(saved), false)
     }
 
     fn connect(
@@ -144,17 +155,20 @@ impl RankComm {
         nranks: i32,
         session: u64,
         saved: Option<&super::state::CommImage>,
+        start_if_absent: bool,
     ) -> Result<Arc<RankComm>, String> {
         if nranks < 1 || rank < 0 || rank >= nranks {
             return Err(format!("rank {rank} of {nranks} is out of range"));
         }
         let who = format!("server pid {} session {session}", std::process::id());
-        let (mut stream, msg) = match saved {
-            None => (hub::connect(&id)?, ToHub::Join { rank, nranks, who }),
-            Some(_) => (
-                hub::connect_or_start(&id)?,
-                ToHub::Rejoin { rank, nranks, who },
-            ),
+        let mut stream = if start_if_absent {
+            hub::connect_or_start(&id)?
+        } else {
+            hub::connect(&id)?
+        };
+        let msg = match saved {
+            None => ToHub::Join { rank, nranks, who },
+            Some(_) => ToHub::Rejoin { rank, nranks, who },
         };
         write_msg(&mut stream, &msg).map_err(|e| e.to_string())?;
         match read_msg::<FromHub>(&mut stream).map_err(|e| e.to_string())? {

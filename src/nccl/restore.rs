@@ -2,18 +2,20 @@
 //! hand-over of `devproxy migrate`, and finding a rank's process for `devproxy migrate --job ID --rank R`.
 //!
 //! - **Restore**: each rank's session is rebuilt from `JOBDIR/rank-R/image.devproxy` as any image is, then its
-//!   communicators from `JOBDIR/rank-R/nccl.state` ([`RankState::attach`]): they rejoin their clique under the old
-//!   unique id, the first restored rank starting a new hub under that name (the old one died with its server), with
-//!   the saved collective counts, so the hub's sequence numbers continue where the job stopped. The group the barrier
-//!   held each rank in is executed first when the process re-attaches. Ranks recorded at one server socket are
-//!   restored into one server on that socket (one process); `devproxy restore JOBDIR` starts one such process per
-//!   socket and waits for them.
+//!   communicators from `JOBDIR/rank-R/nccl.state` ([`RankState::attach`]): every rank of a communicator joins it
+//!   anew, under a new unique id that the server restoring its rank 0 makes and leaves in `JOBDIR` for the others
+//!   ([`super::rendezvous`]; the same on both backends, so real NCCL jobs restore as emulated ones do in CI), with the
+//!   saved collective counts, so sequence numbers continue where the job stopped. The group the barrier held each
+//!   rank in is executed first when the process re-attaches. Ranks recorded at one server socket are restored into
+//!   one server on that socket (one process); `devproxy restore JOBDIR` starts one such process per socket, names
+//!   the attempt for their rendezvous, and waits for them.
 //! - **Migration**: after the session image reached the target, the source sends the communicators' state
 //!   ([`JobRequest::Attach`](super::barrier::JobRequest::Attach)); the target rejoins the clique, replacing the
 //!   source's hub connections, before the source lets go of the session. The hub stays where it is.
 
 use super::barrier::{JobReply, JobRequest};
-use super::state::RankState;
+use super::rendezvous::Rendezvous;
+use super::state::{RankState, Rejoin};
 use crate::checkpoint::ops::{add_pending, restore_state, ExpectedCrc};
 use crate::checkpoint::LoadedImage;
 use crate::control::{self, ControlReply, ControlRequest, Summary};
@@ -66,15 +68,21 @@ pub fn job_ranks(dir: &Path) -> Result<Vec<(i32, PathBuf)>, String> {
     Ok(ranks)
 }
 
-/// Rebuilds a restored session's communicators from `nccl.state` next to its image, if there is one.
-pub fn attach_saved(image_dir: &Path, st: &mut SessionState) -> Result<(), String> {
+/// Rebuilds a restored session's communicators from `nccl.state` next to its image, if there is one; ranks of
+/// several-rank communicators agree on new ids through the job directory under restore attempt `attempt` (default:
+/// `DEVPROXY_RESTORE_ATTEMPT`, see [`super::rendezvous`]).
+pub fn attach_saved(
+    image_dir: &Path,
+    st: &mut SessionState,
+    attempt: Option<&str>,
+) -> Result<(), String> {
     let dir = if image_dir.is_file() {
         image_dir.parent().unwrap_or(Path::new("."))
     } else {
         image_dir
     };
     match RankState::read(dir)? {
-        Some(s) => s.attach(st),
+        Some(s) => s.attach(st, Rejoin::Restore(&Rendezvous::for_image(dir, attempt))),
         None => Ok(()),
     }
 }
@@ -108,10 +116,16 @@ pub fn restore_job_cmd(
                 groups.values().map(|v| v.len()).sum::<usize>()
             ));
         }
-        return serve_ranks(&picked, socket, kind, device);
+        return serve_ranks(&picked, socket, kind, device, None);
     }
+    // The ranks agree on their communicators' new unique ids through files in DIR named by this attempt.
+    let attempt = std::env::var(super::rendezvous::ATTEMPT_ENV)
+        .unwrap_or_else(|_| Rendezvous::fresh_attempt());
+    let rdv = Rendezvous::new(dir, &attempt, std::time::Duration::ZERO);
     if groups.len() == 1 {
-        return serve_ranks(&all, socket, kind, device);
+        let r = serve_ranks(&all, socket, kind, device, Some(rdv.attempt()));
+        rdv.clean();
+        return r;
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut kids = Vec::new();
@@ -135,6 +149,7 @@ pub fn restore_job_cmd(
         if socket.is_some() {
             c.arg("--socket").arg(sock);
         }
+        c.env(super::rendezvous::ATTEMPT_ENV, rdv.attempt());
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent: the per-socket
         // restore servers end with this command.
         unsafe {
@@ -162,12 +177,14 @@ pub fn restore_job_cmd(
                         let _ = o.kill();
                         let _ = o.wait();
                     }
+                    rdv.clean();
                     return Err(msg);
                 }
                 _ => {}
             }
         }
         if running == 0 {
+            rdv.clean();
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -179,6 +196,7 @@ fn serve_ranks(
     socket: Option<PathBuf>,
     kind: Option<crate::backend::BackendKind>,
     device: u32,
+    attempt: Option<&str>,
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let imgs: Vec<(i32, LoadedImage)> = ranks
@@ -224,7 +242,7 @@ fn serve_ranks(
             &mut |_, _| {},
         )
         .map_err(|e| format!("rank {r}: restore refused: {e}"))?;
-        if let Err(e) = attach_saved(&img.path, &mut rebuilt.state) {
+        if let Err(e) = attach_saved(&img.path, &mut rebuilt.state, attempt) {
             rebuilt.state.teardown();
             return Err(format!("rank {r}: {e}"));
         }
@@ -267,7 +285,7 @@ pub fn migration_refusal(sh: &Arc<SessionShared>, paused: bool) -> Result<Option
         let why = if saved.comms.is_empty() {
             None
         } else {
-            saved.refusal()
+            saved.migration_refusal()
         };
         (why, outcome)
     })
@@ -280,7 +298,7 @@ pub fn hand_over(sh: &Arc<SessionShared>, to: &Path) -> Result<(), String> {
     if saved.comms.is_empty() {
         return Ok(());
     }
-    if let Some(why) = saved.refusal() {
+    if let Some(why) = saved.migration_refusal() {
         return Err(why);
     }
     let req = ControlRequest::Job(JobRequest::Attach {

@@ -6,11 +6,13 @@
 //! session executes it first). Layout: `DPNCCLS1`, CRC-32 of the body (4 bytes LE), body (bincode, standard).
 
 use super::rank::RankComm;
-use super::{NcclOp, UniqueId};
+use super::rendezvous::{join_order, Rendezvous};
+use super::{NcclOp, UniqueId, UNIQUE_ID_BYTES};
 use crate::protocol::{Handle, Request};
 use crate::server::session::SessionState;
 use bincode::{Decode, Encode};
 use std::path::Path;
+use std::sync::Arc;
 
 /// The file name, in the rank's image directory.
 pub const FILE: &str = "nccl.state";
@@ -46,19 +48,81 @@ impl CommImage {
     }
 }
 
+/// How a session's saved communicators come back.
+#[derive(Clone, Copy, Debug)]
+pub enum Rejoin<'a> {
+    /// A restore: every rank of the job is being restored, and they agree on new unique ids through this.
+    Restore(&'a Rendezvous),
+    /// A migration target: the job runs on, the moved rank rejoins it.
+    Migration,
+}
+
 /// A 1-rank communicator made anew for a restored or migrated session, with the saved counts: real NCCL on the cuda
 /// backend, a new hub on the emulated device.
-fn recreate(st: &SessionState, c: &CommImage) -> Result<std::sync::Arc<RankComm>, String> {
+fn recreate(st: &SessionState, c: &CommImage) -> Result<Arc<RankComm>, String> {
+    let id = fresh_id(st)?;
+    join_new(st, c, id)
+}
+
+/// A new unique id from this server's NCCL: `ncclGetUniqueId` on the cuda backend (the bootstrap root is a thread
+/// here), a new hub on the emulated device.
+fn fresh_id(st: &SessionState) -> Result<[u8; UNIQUE_ID_BYTES], String> {
+    if st.backend.info().backend == "cuda" {
+        super::real::lib()?.unique_id().map_err(|(_, m)| m)
+    } else {
+        Ok(super::hub::start()?.0)
+    }
+}
+
+/// Joins the communicator `id` names as `c`'s rank, with `c`'s counts. Real NCCL waits for every rank.
+fn join_new(
+    st: &SessionState,
+    c: &CommImage,
+    id: [u8; UNIQUE_ID_BYTES],
+) -> Result<Arc<RankComm>, String> {
     if st.backend.info().backend == "cuda" {
         let lib = super::real::lib()?;
-        let id = lib.unique_id().map_err(|(_, m)| m)?;
-        let comm =
-            super::real::RealComm::init(lib, st.backend.clone(), &id, 1, 0).map_err(|(_, m)| m)?;
-        Ok(RankComm::real(UniqueId(id), 0, 1, 0, comm, Some(c)))
+        let comm = super::real::RealComm::init(lib, st.backend.clone(), &id, c.nranks, c.rank)
+            .map_err(|(_, m)| m)?;
+        Ok(RankComm::real(
+            UniqueId(id),
+            c.rank,
+            c.nranks,
+            0,
+            comm,
+            Some(c),
+        ))
     } else {
-        let id = super::hub::start()?;
-        RankComm::rejoin(id, c, 0)
+        RankComm::resume(UniqueId(id), c, 0)
     }
+}
+
+/// A restored rank of a communicator of several ranks: rank 0 makes and publishes the new id, the others wait for
+/// it; then all join.
+fn rejoin_restored(
+    st: &SessionState,
+    c: &CommImage,
+    rdv: &Rendezvous,
+) -> Result<Arc<RankComm>, String> {
+    if c.rank != 0 {
+        let mut id = rdv.fetch(c, None)?;
+        loop {
+            match join_new(st, c, id) {
+                Ok(joined) => return Ok(joined),
+                // Perhaps a stale file of an earlier attempt of the same name, which rank 0 has yet to replace.
+                Err(e) => id = rdv.fetch(c, Some(&id)).map_err(|_| e)?,
+            }
+        }
+    }
+    let id = fresh_id(st)?;
+    rdv.publish(c, &id)?;
+    let joined = join_new(st, c, id);
+    // Real NCCL returned only once every rank joined: nobody needs the file now. (The emulated device's join does
+    // not wait; its file goes when the restore command ends.)
+    if joined.is_err() || st.backend.info().backend == "cuda" {
+        rdv.withdraw(c);
+    }
+    joined
 }
 
 /// A session's NCCL state.
@@ -114,84 +178,80 @@ impl RankState {
         }
     }
 
-    /// Why these communicators cannot be saved to continue elsewhere, if they cannot: a real NCCL communicator
-    /// (cuda backend) of several ranks has peers in other processes that would all have to re-create it together,
-    /// which is not done yet. A 1-rank one is re-created at restore ([`RankState::attach`]).
-    pub fn refusal(&self) -> Option<String> {
+    /// Why these communicators cannot move to another server while their job runs, if they cannot: a real NCCL
+    /// communicator (cuda backend) of several ranks has peers in other processes that would all have to re-create it
+    /// together with the moved rank, which is not done. (A whole job's checkpoint and restore is: every rank
+    /// re-creates its communicators at restore, [`RankState::attach`].)
+    pub fn migration_refusal(&self) -> Option<String> {
         self.comms
             .iter()
             .find(|c| c.nranks > 1 && !c.emulated())
             .map(|c| {
                 format!(
-                    "communicator {:#x} (job {}, rank {}/{}) is a real NCCL communicator of {} ranks: checkpoint, \
-                     restore and migration of a multi-rank job on the cuda backend are not supported yet (1-rank \
-                     communicators are re-created)",
+                    "communicator {:#x} (job {}, rank {}/{}) is a real NCCL communicator of {} ranks: moving one rank \
+                     of a multi-rank job on the cuda backend is not supported yet; checkpoint the whole job instead \
+                     (`devproxy checkpoint --job {} --stop --out DIR`) and restore it where it should run",
                     c.handle,
                     c.job(),
                     c.rank,
                     c.nranks,
-                    c.nranks
+                    c.nranks,
+                    c.job()
                 )
             })
     }
 
-    /// Rebuilds the communicators in a restored (or adopted) session under their old virtual handles, and queues
-    /// the held group to run before the ring. An emulated rank rejoins its clique with its saved rank and counts
-    /// (starting the clique's hub here if none listens). A 1-rank communicator is re-created instead, with a fresh
-    /// unique id, on whichever NCCL this server has (real on the cuda backend, the hub on the emulated device); a
-    /// real one of several ranks is refused ([`RankState::refusal`]). On failure nothing is attached.
-    pub fn attach(&self, st: &mut SessionState) -> Result<(), String> {
-        if let Some(why) = self.refusal() {
-            return Err(why);
+    /// Rebuilds the communicators in a restored (or adopted) session under their old virtual handles, with their
+    /// saved counts, and queues the held group to run before the ring. On failure nothing is attached.
+    ///
+    /// - A 1-rank communicator is re-created with a fresh unique id on whichever NCCL this server has (real on the
+    ///   cuda backend, a hub on the emulated device).
+    /// - At a restore ([`Rejoin::Restore`]), a communicator of several ranks is re-created by all its restored ranks
+    ///   under a new unique id that rank 0 makes and publishes ([`super::rendezvous`]), in [`join_order`].
+    /// - On a migration target ([`Rejoin::Migration`]), an emulated rank rejoins its running clique under the old id,
+    ///   replacing the source's hub connection (a real one of several ranks was refused before the barrier).
+    pub fn attach(&self, st: &mut SessionState, how: Rejoin<'_>) -> Result<(), String> {
+        if let Rejoin::Migration = how {
+            if let Some(why) = self.migration_refusal() {
+                return Err(why);
+            }
         }
         let real_here = st.backend.info().backend == "cuda";
         let mut made = Vec::with_capacity(self.comms.len());
-        for c in &self.comms {
-            if c.nranks == 1 && (real_here || !c.emulated()) {
-                let comm = recreate(st, c).map_err(|e| {
-                    format!(
-                        "communicator {:#x} (job {}, 1 rank): re-creating it: {e}",
-                        c.handle,
-                        c.job()
-                    )
-                })?;
+        for i in join_order(&self.comms) {
+            let c = &self.comms[i];
+            let what = format!(
+                "communicator {:#x} (job {}, rank {}/{})",
+                c.handle,
+                c.job(),
+                c.rank,
+                c.nranks
+            );
+            if c.nranks > 1 && real_here == c.emulated() {
+                return Err(format!(
+                    "{what} was made on {}; this server runs the {} backend: restore the job on the backend it ran on",
+                    if c.emulated() { "the emulated device" } else { "a GPU by real NCCL" },
+                    if real_here { "cuda" } else { "emulated" },
+                ));
+            }
+            let comm = match how {
+                _ if c.nranks == 1 => recreate(st, c),
+                Rejoin::Restore(rdv) => rejoin_restored(st, c, rdv),
+                Rejoin::Migration => {
+                    let id = UniqueId::from_bytes(&c.id).ok_or("not a devproxy unique id")?;
+                    RankComm::rejoin(id, c, 0)
+                }
+            }
+            .map_err(|e| format!("{what}: {e}"))?;
+            if comm.id.0.as_slice() == c.id.as_slice() {
+                tracing::info!("NCCL {what} rejoined before collective #{}", c.issued);
+            } else {
                 tracing::info!(
-                    "NCCL job {} (1 rank) re-created as job {} before collective #{}",
-                    c.job(),
+                    "NCCL {what} re-created as job {} before collective #{}",
                     comm.id.job(),
                     c.issued
                 );
-                made.push((Handle(c.handle), comm));
-                continue;
             }
-            if real_here {
-                return Err(format!(
-                    "communicator {:#x} (job {}, rank {}/{}) was made on the emulated device; this server runs the \
-                     cuda backend",
-                    c.handle,
-                    c.job(),
-                    c.rank,
-                    c.nranks
-                ));
-            }
-            let id = UniqueId::from_bytes(&c.id)
-                .ok_or_else(|| format!("communicator {:#x}: not a devproxy unique id", c.handle))?;
-            let comm = RankComm::rejoin(id, c, 0).map_err(|e| {
-                format!(
-                    "communicator {:#x} (job {}, rank {}/{}): {e}",
-                    c.handle,
-                    id.job(),
-                    c.rank,
-                    c.nranks
-                )
-            })?;
-            tracing::info!(
-                "NCCL job {}: rank {}/{} rejoined before collective #{}",
-                id.job(),
-                c.rank,
-                c.nranks,
-                c.issued
-            );
             made.push((Handle(c.handle), comm));
         }
         for (h, comm) in made {

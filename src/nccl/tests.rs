@@ -2,6 +2,8 @@
 
 use super::rank::{enqueue_group, Item};
 use super::reduce::reduce;
+use super::rendezvous::Rendezvous;
+use super::state::Rejoin;
 use super::*;
 use crate::backend::emulated::EmulatedBackend;
 use crate::backend::{Backend, BackendOptions, StreamId};
@@ -431,10 +433,10 @@ fn a_saved_one_rank_real_communicator_is_re_created_with_its_counts() {
     let mut id = vec![0u8; UNIQUE_ID_BYTES];
     id[..8].copy_from_slice(&0x0bad_cafe_1234_5678u64.to_le_bytes());
     let saved = one_rank_state(id, 1);
-    assert!(saved.refusal().is_none());
+    assert!(saved.migration_refusal().is_none());
     assert!(!saved.comms[0].emulated());
     let mut st = session();
-    saved.attach(&mut st).unwrap();
+    saved.attach(&mut st, Rejoin::Migration).unwrap();
     let c = st.nccl.get(&Handle(0x2345)).expect("same handle").clone();
     assert_eq!((c.rank, c.nranks, c.issued()), (0, 1, 5));
     // On the emulated device it becomes an emulated communicator with a new hub, and works.
@@ -451,17 +453,82 @@ fn a_saved_one_rank_real_communicator_is_re_created_with_its_counts() {
 }
 
 #[test]
-fn a_saved_multi_rank_real_communicator_is_refused_clearly() {
+fn a_multi_rank_real_communicator_cannot_move_alone_nor_come_back_on_the_emulated_device() {
     let mut id = vec![0u8; UNIQUE_ID_BYTES];
     id[..8].copy_from_slice(&0x0bad_cafe_1234_5678u64.to_le_bytes());
     let saved = one_rank_state(id, 2);
-    let why = saved.refusal().expect("refused");
+    let why = saved.migration_refusal().expect("refused");
     assert!(why.contains("real NCCL communicator of 2 ranks"), "{why}");
-    assert!(why.contains("nccl-7856341"), "{why}");
+    assert!(why.contains("checkpoint --job nccl-7856341"), "{why}");
     let mut st = session();
-    assert_eq!(saved.attach(&mut st).unwrap_err(), why);
+    assert_eq!(saved.attach(&mut st, Rejoin::Migration).unwrap_err(), why);
+    // A restore of the whole job re-creates it, but only on a GPU: this server has the emulated device.
+    let dir = std::env::temp_dir().join(format!("devproxy-nccl-real-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rdv = Rendezvous::new(&dir, "t", std::time::Duration::from_millis(100));
+    let err = saved.attach(&mut st, Rejoin::Restore(&rdv)).unwrap_err();
+    assert!(
+        err.contains("made on a GPU by real NCCL") && err.contains("emulated backend"),
+        "{err}"
+    );
     assert!(st.nccl.is_empty());
-    // An emulated communicator of several ranks is not refused (it rejoins its hub).
+    std::fs::remove_dir_all(&dir).unwrap();
+    // An emulated communicator of several ranks may move (it rejoins its hub).
     let emu = one_rank_state(UniqueId::new("x/job").unwrap().0.to_vec(), 2);
-    assert!(emu.refusal().is_none());
+    assert!(emu.migration_refusal().is_none());
+}
+
+#[test]
+fn restored_ranks_re_create_their_communicator_under_a_new_id_and_continue_their_counts() {
+    let old = UniqueId::new("devproxy-nccl/gone-1-0").unwrap();
+    let state = |rank: i32| super::state::RankState {
+        comms: vec![super::state::CommImage {
+            handle: 1,
+            id: old.0.to_vec(),
+            rank,
+            nranks: 2,
+            issued: 41,
+            p2p: Vec::new(),
+        }],
+        replay: Vec::new(),
+    };
+    let dir = std::env::temp_dir().join(format!("devproxy-nccl-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rdv = Rendezvous::new(&dir, "t", std::time::Duration::from_secs(20));
+    // Rank 1 starts first and waits for rank 0's new id.
+    let r1 = {
+        let rdv = rdv.clone();
+        let s1 = state(1);
+        std::thread::spawn(move || {
+            let mut st = session();
+            s1.attach(&mut st, Rejoin::Restore(&rdv)).map(|()| st)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut st0 = session();
+    state(0).attach(&mut st0, Rejoin::Restore(&rdv)).unwrap();
+    let st1 = r1.join().unwrap().unwrap();
+    let ranks: Vec<Rank> = [&st0, &st1]
+        .iter()
+        .map(|st| Rank {
+            b: st.backend.clone(),
+            stream: st.default_stream,
+            comm: st.nccl.get(&Handle(1)).expect("same handle").clone(),
+        })
+        .collect();
+    assert_ne!(ranks[0].comm.id, old, "a new id: the old hub is gone");
+    assert_eq!(ranks[0].comm.id, ranks[1].comm.id);
+    assert_eq!(ranks[1].comm.rank, 1);
+    let ps: Vec<u64> = [(0, 1.0f32), (1, 3.0)]
+        .iter()
+        .map(|&(r, x)| put(&ranks[r], &[x, 2.0 * x]))
+        .collect();
+    for (r, p) in ranks.iter().zip(&ps) {
+        issue(r, OpKind::AllReduce, DType::F32, RedOp::Sum, 2, *p, *p);
+    }
+    for (r, p) in ranks.iter().zip(&ps) {
+        assert_eq!(get(r, *p, 2), vec![4.0, 8.0]);
+        assert_eq!(r.comm.issued(), 42, "the count continues from the image");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
