@@ -336,6 +336,23 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
         k.kill().unwrap();
         k.wait().unwrap();
     }
+    // Rank 1 restored alone: its server waits for rank 0's new unique id, then gives up saying what to do, before
+    // it serves (the process keeps waiting for the real restore).
+    let lone = sb
+        .cmd()
+        .args(["restore", "--backend", "emulated", "--ranks", "1"])
+        .arg(&out)
+        .env("DEVPROXY_NCCL_RENDEZVOUS_TIMEOUT", "1")
+        .env("DEVPROXY_RESTORE_ATTEMPT", "lonely")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&lone.stderr);
+    assert!(!lone.status.success(), "{err}");
+    assert!(
+        err.contains("rank 0 did not publish") && err.contains("restore rank 0 too"),
+        "{err}"
+    );
     let restore = sb
         .cmd()
         .args(["restore", "--backend", "emulated"])

@@ -129,6 +129,7 @@ impl Rendezvous {
         let p = self.path(c);
         let t0 = Instant::now();
         let mut delay = Duration::from_millis(5);
+        let mut said = false;
         loop {
             if let Ok(text) = std::fs::read_to_string(&p) {
                 match self.parse(&text) {
@@ -147,6 +148,18 @@ impl Rendezvous {
                     p.display(),
                     self.timeout.as_secs_f64()
                 ));
+            }
+            if !said && t0.elapsed() >= Duration::from_secs(3) {
+                said = true;
+                tracing::info!(
+                    "rank {}/{} of job {}: waiting for rank 0's server to publish the communicator's new unique id \
+                     in {} (at most {:.0} s)",
+                    c.rank,
+                    c.nranks,
+                    c.job(),
+                    p.display(),
+                    self.timeout.as_secs_f64()
+                );
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_millis(100));
