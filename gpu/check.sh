@@ -3,8 +3,8 @@
 # Each step has its own timeout and prints PASS/FAIL with figures; everything native is measured in the same run.
 # Writes $OUT/summary.txt (PASS/FAIL lines and figures) and $OUT/log.txt (all output).
 #
-#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch
-#                              torchckpt nccl nccl2
+#   STEPS="..." gpu/check.sh   steps: backend examples overhead ckpt migrate suspend throughput hostmem pinprobe
+#                              nvidia torch torchckpt nccl nccl2
 #                              (default: all)
 #   RESTORE_TRIALS="buffered direct mmap threads24 mmap+threads24"  the throughput step's restore drills of each image
 #                              (`restore --trial`) before the real restore: buffered (pread into page-locked buffers),
@@ -43,7 +43,7 @@ rm -rf "$W"; mkdir -p "$W"
 PY=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without a GPU
 GIBS=${GIBS:-"1 16"}
-STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem nvidia torch torchckpt nccl nccl2"}
+STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem pinprobe nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
 RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct direct+devcrc mmap chunk4 chunk16 mmap+chunk4"}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
@@ -271,6 +271,21 @@ if want hostmem; then
     pass "hostmem: host memory bandwidth measured"
   else
     fail "hostmem: exit status $rc: $(tail -n1 "$W/hostmem.err")"
+  fi
+fi
+
+# ---- 7c. page-locking for the GPU, natively (examples/pinprobe.rs): GB/s of locking a tmpfs file's pages and
+# anonymous memory per thread count, copies while other threads lock, and the direct restore's lock-then-copy pipeline
+if want pinprobe; then
+  PRE=(); [ "$BACKEND" = cuda ] || PRE=("$B/devproxy" run --backend "$BACKEND" --)  # rehearsal: through the shim
+  timeout 150 "${PRE[@]}" "$B/pinprobe" --gib 4 --dir "$W" --threads 1,2,4,8 >"$W/pinprobe.out" 2>"$W/pinprobe.err"
+  rc=$?
+  cat "$W/pinprobe.out" "$W/pinprobe.err" >>"$LOG"
+  while read -r l; do say "  $l"; done <"$W/pinprobe.out"
+  if [ $rc = 0 ] && grep -q "^pinprobe data check ok" "$W/pinprobe.out"; then
+    pass "pinprobe: page-locking and copies measured, data on the device checked"
+  else
+    fail "pinprobe: exit status $rc: $(tail -n1 "$W/pinprobe.err")"
   fi
 fi
 

@@ -8,7 +8,7 @@ cargo build --release --workspace --lib --bins --examples
 cargo test --release --test gpu_backend --no-run 2>&1 | tail -n 3
 rm -rf .gpu && mkdir -p .gpu
 cp target/release/devproxy target/release/libdevproxy_interpose.so target/release/libdevproxy_nvml.so .gpu/
-for e in saxpy train launch_overhead hold kernel_corpus ddp_train nccl_collectives hostmem; do cp "target/release/examples/$e" .gpu/; done
+for e in saxpy train launch_overhead hold kernel_corpus ddp_train nccl_collectives hostmem pinprobe; do cp "target/release/examples/$e" .gpu/; done
 t=$(ls -t target/release/deps/gpu_backend-* | grep -v '\.d$' | head -n1); cp "$t" .gpu/gpu_backend
 strip --strip-debug .gpu/* 2>/dev/null || true
 du -sh .gpu
