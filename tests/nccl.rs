@@ -344,6 +344,7 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
         .arg(&out)
         .env("DEVPROXY_NCCL_RENDEZVOUS_TIMEOUT", "1")
         .env("DEVPROXY_RESTORE_ATTEMPT", "lonely")
+        .env("DEVPROXY_RENDEZVOUS_DIR", sb.path(""))
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -351,6 +352,12 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
     assert!(!lone.status.success(), "{err}");
     assert!(
         err.contains("rank 0 did not publish") && err.contains("restore rank 0 too"),
+        "{err}"
+    );
+    // It waited in the directory it was told to, not in the job image.
+    let rdv = sb.path("").display().to_string();
+    assert!(
+        err.contains(&format!("{}/.nccl-", rdv.trim_end_matches('/'))),
         "{err}"
     );
     let restore = sb

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 pub const ATTEMPT_ENV: &str = "DEVPROXY_RESTORE_ATTEMPT";
 /// How long a rank waits for rank 0's id, in seconds (default 120).
 pub const TIMEOUT_ENV: &str = "DEVPROXY_NCCL_RENDEZVOUS_TIMEOUT";
+/// Another directory for the exchange than the job image's (one all restore servers can write, e.g. where the
+/// image is read-only).
+pub const DIR_ENV: &str = "DEVPROXY_RENDEZVOUS_DIR";
 const HEADER: &str = "devproxy nccl rendezvous 1";
 
 /// Where and under which attempt name the ranks of one restore exchange ids.
@@ -53,7 +56,8 @@ impl Rendezvous {
     }
 
     /// For restoring the rank image in `image_dir` (`JOB/rank-R`, or its `image.devproxy`): the job's directory when
-    /// the parent holds a job manifest, else the image's own; the attempt from `attempt` or `DEVPROXY_RESTORE_ATTEMPT`.
+    /// the parent holds a job manifest, else the image's own (or `DEVPROXY_RENDEZVOUS_DIR`); the attempt from
+    /// `attempt` or `DEVPROXY_RESTORE_ATTEMPT`.
     pub fn for_image(image_dir: &Path, attempt: Option<&str>) -> Rendezvous {
         let dir = if image_dir.is_file() {
             image_dir.parent().unwrap_or(Path::new("."))
@@ -64,6 +68,13 @@ impl Rendezvous {
             Some(job) if super::restore::is_job_dir(job) => job,
             _ => dir,
         };
+        Rendezvous::for_job(dir, attempt)
+    }
+
+    /// For restoring the ranks of the job image `dir` (see [`Rendezvous::for_image`]).
+    pub fn for_job(dir: &Path, attempt: Option<&str>) -> Rendezvous {
+        let over = std::env::var_os(DIR_ENV).map(PathBuf::from);
+        let dir = over.as_deref().unwrap_or(dir);
         let env = std::env::var(ATTEMPT_ENV).ok();
         let attempt = attempt.or(env.as_deref()).unwrap_or("default");
         let secs = std::env::var(TIMEOUT_ENV)
@@ -113,7 +124,7 @@ impl Rendezvous {
                 let _ = std::fs::remove_file(&tmp);
                 format!(
                     "cannot publish the new unique id in {}: {e} (the job image's directory must be writable \
-                     during a restore)",
+                     during a restore, or name another one all restore servers can reach in {DIR_ENV})",
                     p.display()
                 )
             })

@@ -121,7 +121,7 @@ pub fn restore_job_cmd(
     // The ranks agree on their communicators' new unique ids through files in DIR named by this attempt.
     let attempt = std::env::var(super::rendezvous::ATTEMPT_ENV)
         .unwrap_or_else(|_| Rendezvous::fresh_attempt());
-    let rdv = Rendezvous::new(dir, &attempt, std::time::Duration::ZERO);
+    let rdv = Rendezvous::for_job(dir, Some(&attempt));
     if groups.len() == 1 {
         let r = serve_ranks(&all, socket, kind, device, Some(rdv.attempt()));
         rdv.clean();
