@@ -679,7 +679,32 @@ fn bulk_read_write_1gib_and_mem_info() {
     let mut want = vec![9u8; 8];
     want.extend_from_slice(&(1u64 ^ 0x5DEE_CE66_D1CE_4E5B).to_le_bytes());
     assert_eq!(read(&*b, d, dev, 16), want);
+    // Started writes (a restore worker's overlap): two halves in flight at once, completed by `wait`.
+    reg.slice()[..8].copy_from_slice(&[7; 8]);
+    let half = len / 2;
+    let t = Instant::now();
+    let (lo, hi) = reg.slice().split_at(half);
+    let p1 = b.write_device_start(dev, lo).unwrap();
+    let p2 = b.write_device_start(dev + half as u64, hi).unwrap();
+    p1.wait().unwrap();
+    p2.wait().unwrap();
+    let w = t.elapsed().as_secs_f64();
+    println!(
+        "bulk (registered, two started writes): {:.1} GB/s",
+        len as f64 / w / 1e9
+    );
+    assert_eq!(read(&*b, d, dev, 8), vec![7u8; 8]);
+    let mut tail = vec![0u8; 4096];
+    b.read_device(dev + (len - 4096) as u64, &mut tail).unwrap();
+    assert!(
+        tail == reg.slice()[len - 4096..],
+        "the second started write's end differs"
+    );
     b.host_unregister(reg.span()).unwrap();
+    // From memory that is not page-locked, a started write completes before it returns.
+    let p = b.write_device_start(dev, &src[..1 << 20]).unwrap();
+    assert_eq!(read(&*b, d, dev, 8), src[..8].to_vec());
+    p.wait().unwrap();
 
     // Unaligned sub-ranges.
     let mut part = vec![0u8; 1000];

@@ -232,6 +232,42 @@ pub trait Backend: Send + Sync {
     fn read_device(&self, src: u64, dst: &mut [u8]) -> BResult<()>;
     /// Writes device memory synchronously.
     fn write_device(&self, dst: u64, src: &[u8]) -> BResult<()>;
+    /// Starts writing `src` to device memory at `dst`; `src` must stay alive and unchanged until the returned
+    /// [`Pending`] has completed (`wait`, or drop). The cuda backend copies from memory it page-locked
+    /// asynchronously; the default, and any other source, writes synchronously here.
+    fn write_device_start(&self, dst: u64, src: &[u8]) -> BResult<Pending> {
+        self.write_device(dst, src).map(|()| Pending::done())
+    }
+}
+
+/// A device write in flight ([`Backend::write_device_start`]). It completes on [`Pending::wait`], or, if never
+/// waited for, on drop (its source must not be reused before).
+#[must_use = "the write completes only when waited for (or dropped)"]
+pub struct Pending(Option<Box<dyn FnOnce() -> BResult<()> + Send>>);
+
+impl Pending {
+    /// A write that already completed.
+    pub fn done() -> Pending {
+        Pending(None)
+    }
+
+    /// A write that `finish` waits for.
+    pub fn new(finish: impl FnOnce() -> BResult<()> + Send + 'static) -> Pending {
+        Pending(Some(Box::new(finish)))
+    }
+
+    /// Waits for the write; its error, if it failed.
+    pub fn wait(mut self) -> BResult<()> {
+        self.0.take().map_or(Ok(()), |f| f())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let _ = f();
+        }
+    }
 }
 
 /// Host work run in stream order ([`Backend::enqueue_host`]).

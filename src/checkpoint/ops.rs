@@ -569,13 +569,16 @@ pub fn restore_state(
                     dst[off as usize..off as usize + src.len()].copy_from_slice(src);
                     Ok(())
                 }
-                _ => backend.write_device(targets[i] + off, src).map_err(|e| {
-                    CheckpointError::Backend(format!(
-                        "writing {:#x} (+{}): {e}",
-                        targets[i] + off,
-                        src.len()
-                    ))
-                }),
+                // Started only, on a restore worker that overlaps its reads with its device writes.
+                _ => super::image::device_write(backend.as_ref(), targets[i] + off, src).map_err(
+                    |e| {
+                        CheckpointError::Backend(format!(
+                            "writing {:#x} (+{}): {e}",
+                            targets[i] + off,
+                            src.len()
+                        ))
+                    },
+                ),
             },
             progress,
             Some(backend),

@@ -1303,6 +1303,29 @@ impl Backend for CudaBackend {
         pool.write(dst, src, pinned, (self.ctx, self.generation))
     }
 
+    fn write_device_start(&self, dst: u64, src: &[u8]) -> BResult<crate::backend::Pending> {
+        self.cur()?;
+        if src.is_empty() || !self.is_registered(src.as_ptr(), src.len()) {
+            return self
+                .write_device(dst, src)
+                .map(|()| crate::backend::Pending::done());
+        }
+        let pool = {
+            let mut bulk = self.bulk.lock();
+            if bulk.is_none() {
+                *bulk = Some(Arc::new(BulkPool::new()?));
+            }
+            bulk.as_ref().expect("bulk").clone()
+        };
+        let events = pool.write_start(dst, src)?;
+        // The pool (its streams) outlives the events: the closure keeps it.
+        Ok(crate::backend::Pending::new(move || {
+            let r = staging::wait_events(&events);
+            drop(pool);
+            r
+        }))
+    }
+
     fn bind_thread(&self) -> BResult<()> {
         self.cur()
     }

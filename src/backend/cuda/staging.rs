@@ -351,6 +351,64 @@ impl BulkPool {
         })
     }
 
+    /// Starts copying page-locked `src` to `dev` on the lanes, the pieces spread over them as in `direct`,
+    /// and returns the events recorded after them on each lane used (fresh ones: the caller waits for and destroys
+    /// them, see `CudaBackend::write_device_start`). On an enqueue failure, waits for what was enqueued and fails.
+    /// `src` must stay alive and unchanged until the events have fired.
+    pub fn write_start(&self, dev: u64, src: &[u8]) -> BResult<Vec<Raw<sys::CUevent>>> {
+        const PIECE: usize = BULK_BUF * 4;
+        let (host, len) = (src.as_ptr(), src.len());
+        let pieces = len.div_ceil(PIECE);
+        let first = self
+            .next_lane
+            .fetch_add(pieces.max(1), std::sync::atomic::Ordering::Relaxed);
+        let mut err = Ok(());
+        for (i, off) in (0..len).step_by(PIECE).enumerate() {
+            let n = (len - off).min(PIECE);
+            let s = self.lanes[(first + i) % LANES].stream.0;
+            // SAFETY: inside `src`, page-locked memory the caller keeps until the events have fired.
+            let r = unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dev + off as u64, host.add(off) as *const c_void, n, s)
+            };
+            if let Err(e) = ck(r) {
+                err = Err(e);
+                break;
+            }
+        }
+        let mut events = Vec::with_capacity(pieces.min(LANES));
+        for k in 0..pieces.min(LANES) {
+            let s = self.lanes[(first + k) % LANES].stream.0;
+            let mut ev = std::ptr::null_mut();
+            // SAFETY: valid out-pointer; a live stream.
+            let r = ck(unsafe {
+                sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            })
+            .and_then(|()| {
+                // SAFETY: a live event and stream.
+                ck(unsafe { sys::cuEventRecord(ev, s) }).inspect_err(|_| {
+                    // SAFETY: the event just made, not recorded.
+                    unsafe { sys::cuEventDestroy_v2(ev) };
+                })
+            });
+            match r {
+                Ok(()) => events.push(Raw(ev)),
+                Err(e) => {
+                    // Without an event the copies on this lane cannot be tracked: wait for the stream.
+                    // SAFETY: a live stream.
+                    let _ = unsafe { sys::cuStreamSynchronize(s) };
+                    if err.is_ok() {
+                        err = Err(e);
+                    }
+                }
+            }
+        }
+        if let Err(e) = err {
+            wait_events(&events)?;
+            return Err(e);
+        }
+        Ok(events)
+    }
+
     /// Copies between device memory and page-locked host memory, in [`BULK_BUF`] x 4 pieces spread over the lanes'
     /// streams starting at the next lane in turn, then waits for the streams it used. Safe from several threads at
     /// once: each waits for its own streams (and whatever else was queued on them).
@@ -388,6 +446,21 @@ impl BulkPool {
         }
         first_err
     }
+}
+
+/// Waits for `events` (from [`BulkPool::write_start`]) and destroys them; the first error.
+pub fn wait_events(events: &[Raw<sys::CUevent>]) -> BResult<()> {
+    let mut first = Ok(());
+    for ev in events {
+        // SAFETY: a live event made by `write_start`, destroyed once, here.
+        let r = ck(unsafe { sys::cuEventSynchronize(ev.0) });
+        // SAFETY: as above.
+        unsafe { sys::cuEventDestroy_v2(ev.0) };
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
 }
 
 impl Lane {
