@@ -312,15 +312,17 @@ fn random_ms(lo: u64, hi: u64) -> Duration {
 
 #[test]
 fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
-    let want = reference(2);
+    // Four ranks, two per server: each restore server rebuilds two ranks, one of them rank 0 (it publishes the new
+    // unique id and, in the same process, another rank takes it).
+    let want = reference(4);
     let mut sb = Sandbox::new();
     let (a, mut ka) = serve_killable(&sb, "a");
     let (b, mut kb) = serve_killable(&sb, "b");
     let servers = vec![a.clone(), b.clone()];
-    let kids = (0..2)
-        .map(|r| spawn_rank(&sb, Some(&servers[r]), 2, r, &["--step-delay-ms", "60"]))
+    let kids = (0..4)
+        .map(|r| spawn_rank(&sb, Some(&servers[r % 2]), 4, r, &["--step-delay-ms", "60"]))
         .collect();
-    let job = job_on(&servers, 2);
+    let job = job_on(&servers, 4);
     std::thread::sleep(random_ms(0, 500));
     let out = sb.path("job-img");
     let o = sb
@@ -372,7 +374,7 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
     sb.adopt(restore);
     // The restored ranks re-created their communicator under a new unique id (rank 0's restore server made it and
     // published it in the job image's directory), so the job has a new name.
-    let again = job_on(&servers, 2);
+    let again = job_on(&servers, 4);
     assert_ne!(again, job, "the restored job kept its old unique id");
     for got in finish(kids, Duration::from_secs(40)) {
         assert_eq!(got, want, "{msg}");
