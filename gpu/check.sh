@@ -12,7 +12,8 @@
 #                              image), threadsN (N copy workers), chunkN (N MiB per worker read, so its buffer stays in
 #                              the CPU caches until the device reads it), devcrc (the device checks the CRC of what
 #                              it read in place: DEVPROXY_DEVICE_CRC=1), overlap (each worker reads its next chunk while
-#                              the device copies its last: DEVPROXY_RESTORE_OVERLAP=1); "" for none
+#                              the device copies its last: DEVPROXY_RESTORE_OVERLAP=1), nt (mmap with streaming stores:
+#                              DEVPROXY_RESTORE_NT=1); "" for none
 #   IMAGE_MODES="direct buffered"  how the throughput step's servers move images: direct (default: DMA to and from the
 #                              image's own page-locked pages, src/checkpoint/direct.rs), buffered
 #                              (DEVPROXY_IMAGE_DIRECT=0: the buffer pipeline with pwrite), mmap (buffered + DEVPROXY_IMAGE_MMAP=1),
@@ -46,7 +47,7 @@ BACKEND=${BACKEND:-cuda}   # emulated: rehearse the script on a machine without 
 GIBS=${GIBS:-"1 16"}
 STEPS=${STEPS:-"backend examples overhead ckpt migrate suspend throughput hostmem pinprobe nvidia torch torchckpt nccl nccl2"}
 IMAGE_MODES=${IMAGE_MODES:-direct}
-RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct direct+devcrc mmap chunk4 chunk16 mmap+chunk4 overlap mmap+overlap"}
+RESTORE_TRIALS=${RESTORE_TRIALS:-"buffered direct direct+devcrc mmap chunk4 chunk16 mmap+chunk4 overlap mmap+overlap nt nt+overlap"}
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUM"; }
@@ -213,6 +214,7 @@ if want throughput; then
           chunk*) e+=(DEVPROXY_RESTORE_CHUNK_MIB=${part#chunk}) ;;
           devcrc) e+=(DEVPROXY_DEVICE_CRC=1) ;;
           overlap) e+=(DEVPROXY_RESTORE_OVERLAP=1) ;;
+          nt) e+=(DEVPROXY_RESTORE_READ=mmap DEVPROXY_RESTORE_NT=1) ;;
         esac
       done
       r=$(env "${e[@]}" timeout 120 "$B/devproxy" restore "$W/img-t" --backend "$BACKEND" --trial 2>>"$LOG" | grep -m1 'GB/s')

@@ -1044,10 +1044,18 @@ pub fn mapped_reads() -> bool {
     enabled() && super::switch("DEVPROXY_RESTORE_READ", "mmap")
 }
 
+/// With mapped reads, copy with streaming stores (`DEVPROXY_RESTORE_NT=1`, see [`super::ntcopy`]); off by default
+/// until measured on a GPU host.
+pub fn nt_reads() -> bool {
+    super::switch("DEVPROXY_RESTORE_NT", "1") && super::ntcopy::available()
+}
+
 /// A tmpfs image's blob mapped for reading (see [`mapped_reads`]); unmapped on drop.
 pub struct MappedBlob {
     map: PinnedMap,
     lead: usize,
+    /// Copies use streaming stores ([`nt_reads`]).
+    nt: bool,
 }
 
 // SAFETY: only read (the mapping lives until drop).
@@ -1065,17 +1073,30 @@ impl MappedBlob {
         Some(MappedBlob {
             map,
             lead: range.lead,
+            nt: nt_reads(),
         })
     }
 
-    /// Copies blob bytes `[off, off + dst.len())` into `dst`.
-    pub fn read_at(&self, off: u64, dst: &mut [u8]) -> std::io::Result<()> {
+    /// Copies blob bytes `[off, off + dst.len())` into `dst` and adds them to `crc`: from the source, which the CRC
+    /// brings into the cache, before a streaming copy (its destination does not stay cached); else from the copy.
+    pub fn read_at(
+        &self,
+        off: u64,
+        dst: &mut [u8],
+        crc: &mut crc32fast::Hasher,
+    ) -> std::io::Result<()> {
         let at = usize::try_from(off).ok().map(|o| o + self.lead);
         match at {
             Some(at) if at + dst.len() <= self.map.len => {
                 // SAFETY: inside the live mapping; nobody writes it (the image file is only read during a restore).
                 let src = unsafe { std::slice::from_raw_parts(self.map.ptr.add(at), dst.len()) };
-                dst.copy_from_slice(src);
+                if self.nt {
+                    crc.update(src);
+                    super::ntcopy::copy(dst, src);
+                } else {
+                    dst.copy_from_slice(src);
+                    crc.update(dst);
+                }
                 Ok(())
             }
             _ => Err(std::io::Error::new(

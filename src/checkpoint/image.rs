@@ -711,8 +711,9 @@ pub type Apply<'a> = dyn Fn(usize, &Region, u64, &[u8]) -> Result<(), Checkpoint
 
 /// Writes one chunk at its blob offset.
 type Out<'a> = dyn Fn(u64, &[u8]) -> io::Result<()> + Sync + 'a;
-/// Reads one chunk from its blob offset.
-type In<'a> = dyn Fn(u64, &mut [u8]) -> io::Result<()> + Sync + 'a;
+/// Reads one slice from its blob offset and adds it to the CRC (unordered sources; an ordered one leaves the CRC to
+/// the caller).
+type In<'a> = dyn Fn(u64, &mut [u8], &mut crc32fast::Hasher) -> io::Result<()> + Sync + 'a;
 
 /// Produces the blob of `regions` into `sink`: `fill` runs on this thread, the sink's writes and the CRC on writer
 /// threads (several for a positional sink, one in order otherwise). Returns the blob's CRC32.
@@ -911,9 +912,9 @@ pub fn consume_blob_checked(
                 SrcKind::Mem(_) => None,
             };
             super::phases::mark("buffers");
-            let input = |off: u64, b: &mut [u8]| match &mapped {
-                Some(m) => m.read_at(off, b),
-                None => at.get_at(off, b),
+            let input = |off: u64, b: &mut [u8], h: &mut crc32fast::Hasher| match &mapped {
+                Some(m) => m.read_at(off, b, h),
+                None => at.get_at(off, b).map(|()| h.update(b)),
             };
             let r = consume_with(
                 regions,
@@ -933,7 +934,8 @@ pub fn consume_blob_checked(
             let mut pool = Pool::new(total, 2, pin_ref);
             super::phases::mark("buffers");
             let source = parking_lot::Mutex::new(source);
-            let input = |_: u64, b: &mut [u8]| source.lock().read_exact(b);
+            let input =
+                |_: u64, b: &mut [u8], _: &mut crc32fast::Hasher| source.lock().read_exact(b);
             let r = consume_with(regions, &input, 2, true, &mut pool, apply, progress, None);
             super::phases::mark("copy");
             r.map(Some)
@@ -1107,12 +1109,9 @@ fn consume_with(
                         let slice = if ordered { len } else { CRC_SLICE };
                         for s in (0..len).step_by(slice.max(1)) {
                             let e = (s + slice).min(len);
-                            if let Err(err) = input(off + s as u64, &mut buf[s..e]) {
+                            if let Err(err) = input(off + s as u64, &mut buf[s..e], &mut h) {
                                 stop.store(true, Ordering::Relaxed);
                                 return (crcs, Some(err), None);
-                            }
-                            if !ordered {
-                                h.update(&buf[s..e]);
                             }
                         }
                         drop(guard);

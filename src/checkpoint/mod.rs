@@ -23,6 +23,7 @@ pub mod direct;
 pub mod format;
 pub mod image;
 pub mod manifest;
+pub mod ntcopy;
 pub mod ops;
 pub mod phases;
 

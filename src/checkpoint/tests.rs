@@ -591,11 +591,15 @@ fn direct_image_io_on_tmpfs_matches_the_buffered_path() {
         before_used + 2,
         "mapped reads use the preloaded mapping"
     );
+    // The same with streaming stores (`DEVPROXY_RESTORE_NT=1`; the CRC is taken from the source).
+    super::force("DEVPROXY_RESTORE_NT", true);
+    restores_exactly("mapped reads with streaming stores restore exactly");
     assert_eq!(
         super::direct::DIRECT_RESTORES.load(std::sync::atomic::Ordering::SeqCst),
         direct,
         "buffered, not direct"
     );
+    super::force("DEVPROXY_RESTORE_NT", false);
     super::force("DEVPROXY_RESTORE_READ", false);
     super::force("DEVPROXY_IMAGE_DIRECT_RESTORE", true);
     // A damaged blob is refused on the direct path too, and nothing stays allocated.
