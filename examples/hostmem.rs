@@ -26,6 +26,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
+// Streaming-store copies: the restore's own (`DEVPROXY_RESTORE_NT=1`), so `mmap-nt` measures what it would do.
+use devproxy::checkpoint::ntcopy::{available as has_nt, copy as nt_copy};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -72,47 +74,6 @@ impl Drop for Map {
         // SAFETY: unmaps exactly the mapping made in `new`; no slice of it outlives `self`.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
-}
-
-/// Whether `nt_copy` can run here (x86_64 with AVX2).
-fn has_nt() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Copies `src` to `dst` with non-temporal (streaming) stores. Equal lengths, multiples of 4 KiB; `dst` is
-/// page-aligned. Only called where `has_nt()`.
-#[cfg(target_arch = "x86_64")]
-fn nt_copy(dst: &mut [u8], src: &[u8]) {
-    assert!(dst.len() == src.len() && dst.len() % PAGE == 0 && dst.as_ptr() as usize % PAGE == 0);
-    assert!(is_x86_feature_detected!("avx2"));
-    // SAFETY: the CPU has AVX2; the lengths and alignment are checked above.
-    unsafe { nt_avx2(dst, src) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn nt_avx2(dst: &mut [u8], src: &[u8]) {
-    use std::arch::x86_64::*;
-    let (d, s) = (
-        dst.as_mut_ptr() as *mut __m256i,
-        src.as_ptr() as *const __m256i,
-    );
-    // SAFETY: i < len / 32, inside both slices; `d` is 32-byte aligned, `s` is read unaligned. One block with the
-    // fence: `_mm_sfence` is unsafe on Rust 1.85 (our minimum) and safe on newer ones.
-    unsafe {
-        for i in 0..dst.len() / 32 {
-            _mm256_stream_si256(d.add(i), _mm256_loadu_si256(s.add(i)));
-        }
-        _mm_sfence(); // streaming stores are weakly ordered: make them visible before returning
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn nt_copy(_dst: &mut [u8], _src: &[u8]) {
-    unreachable!("mmap-nt is skipped where has_nt() is false");
 }
 
 /// One thread's part of `test`: `src`, `map` and `dst` are its part of the anonymous buffer, of the file's mapping

@@ -356,28 +356,9 @@ impl BulkPool {
     /// them, see `CudaBackend::write_device_start`). On an enqueue failure, waits for what was enqueued and fails.
     /// `src` must stay alive and unchanged until the events have fired.
     pub fn write_start(&self, dev: u64, src: &[u8]) -> BResult<Vec<Raw<sys::CUevent>>> {
-        const PIECE: usize = BULK_BUF * 4;
-        let (host, len) = (src.as_ptr(), src.len());
-        let pieces = len.div_ceil(PIECE);
-        let first = self
-            .next_lane
-            .fetch_add(pieces.max(1), std::sync::atomic::Ordering::Relaxed);
-        let mut err = Ok(());
-        for (i, off) in (0..len).step_by(PIECE).enumerate() {
-            let n = (len - off).min(PIECE);
-            let s = self.lanes[(first + i) % LANES].stream.0;
-            // SAFETY: inside `src`, page-locked memory the caller keeps until the events have fired.
-            let r = unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dev + off as u64, host.add(off) as *const c_void, n, s)
-            };
-            if let Err(e) = ck(r) {
-                err = Err(e);
-                break;
-            }
-        }
-        let mut events = Vec::with_capacity(pieces.min(LANES));
-        for k in 0..pieces.min(LANES) {
-            let s = self.lanes[(first + k) % LANES].stream.0;
+        let (lanes, mut err) = self.enqueue(dev, src.as_ptr() as *mut u8, src.len(), false);
+        let mut events = Vec::with_capacity(lanes.len());
+        for s in lanes {
             let mut ev = std::ptr::null_mut();
             // SAFETY: valid out-pointer; a live stream.
             let r = ck(unsafe {
@@ -413,17 +394,38 @@ impl BulkPool {
     /// streams starting at the next lane in turn, then waits for the streams it used. Safe from several threads at
     /// once: each waits for its own streams (and whatever else was queued on them).
     fn direct(&self, dev: u64, host: *mut u8, len: usize, to_host: bool) -> BResult<()> {
+        let (lanes, mut first_err) = self.enqueue(dev, host, len, to_host);
+        for s in lanes {
+            // SAFETY: live stream.
+            let r = ck(unsafe { sys::cuStreamSynchronize(s) });
+            if first_err.is_ok() {
+                first_err = r;
+            }
+        }
+        first_err
+    }
+
+    /// Enqueues the copies of `direct` (and `write_start`): pieces of [`BULK_BUF`] x 4 on the lanes' streams from the
+    /// next lane in turn. Returns the streams used (each once) and the first enqueue error (the pieces after it are
+    /// not enqueued). `host[..len]` must be page-locked and stay alive until those streams are done with it.
+    fn enqueue(
+        &self,
+        dev: u64,
+        host: *mut u8,
+        len: usize,
+        to_host: bool,
+    ) -> (Vec<sys::CUstream>, BResult<()>) {
         const PIECE: usize = BULK_BUF * 4;
         let pieces = len.div_ceil(PIECE);
         let first = self
             .next_lane
             .fetch_add(pieces.max(1), std::sync::atomic::Ordering::Relaxed);
-        let mut first_err = Ok(());
+        let mut r = Ok(());
         for (i, off) in (0..len).step_by(PIECE).enumerate() {
             let n = (len - off).min(PIECE);
             let s = self.lanes[(first + i) % LANES].stream.0;
-            // SAFETY: host[off..off + n] is page-locked memory of the caller, alive until the synchronize below.
-            let r = unsafe {
+            // SAFETY: host[off..off + n] is page-locked memory of the caller, alive until it has waited for `s`.
+            let e = unsafe {
                 let h = host.add(off) as *mut c_void;
                 if to_host {
                     sys::cuMemcpyDtoHAsync_v2(h, dev + off as u64, n, s)
@@ -431,20 +433,15 @@ impl BulkPool {
                     sys::cuMemcpyHtoDAsync_v2(dev + off as u64, h, n, s)
                 }
             };
-            if let Err(e) = ck(r) {
-                first_err = Err(e);
+            if let Err(e) = ck(e) {
+                r = Err(e);
                 break;
             }
         }
-        for k in 0..pieces.min(LANES) {
-            // SAFETY: live stream.
-            let r =
-                ck(unsafe { sys::cuStreamSynchronize(self.lanes[(first + k) % LANES].stream.0) });
-            if first_err.is_ok() {
-                first_err = r;
-            }
-        }
-        first_err
+        let used = (0..pieces.min(LANES))
+            .map(|k| self.lanes[(first + k) % LANES].stream.0)
+            .collect();
+        (used, r)
     }
 }
 
