@@ -362,7 +362,7 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
         err.contains(&format!("{}/.nccl-", rdv.trim_end_matches('/'))),
         "{err}"
     );
-    let restore = sb
+    let mut restore = sb
         .cmd()
         .args(["restore", "--backend", "emulated"])
         .arg(&out)
@@ -371,11 +371,33 @@ fn job_checkpoint_stop_kill_all_servers_restore_matches_the_reference() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let (tx, said) = std::sync::mpsc::channel();
+    let stdout = restore.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
     sb.adopt(restore);
     // The restored ranks re-created their communicator under a new unique id (rank 0's restore server made it and
-    // published it in the job image's directory), so the job has a new name.
+    // published it in the job image's directory), so the job has a new name, which the restore prints per rank.
     let again = job_on(&servers, 4);
     assert_ne!(again, job, "the restored job kept its old unique id");
+    let mut lines = Vec::new();
+    while lines.len() < 4 {
+        match said.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.contains("waiting for pid") => lines.push(l),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(
+        lines.len() == 4
+            && lines
+                .iter()
+                .all(|l| l.contains(&format!("(now job {again})"))),
+        "{lines:?}"
+    );
     for got in finish(kids, Duration::from_secs(40)) {
         assert_eq!(got, want, "{msg}");
     }

@@ -247,12 +247,21 @@ fn serve_ranks(
             return Err(format!("rank {r}: {e}"));
         }
         bytes += rebuilt.bytes;
+        // The jobs its communicators now belong to (new unique ids, new names in `devproxy ps`).
+        let mut jobs: Vec<String> = rebuilt.state.nccl.values().map(|c| c.id.job()).collect();
+        jobs.sort();
+        jobs.dedup();
         let s = &img.manifest.sessions[0];
         add_pending(&srv, s, rebuilt).map_err(|e| e.to_string())?;
         println!(
-            "rank {r}: waiting for pid {} to re-attach at {}",
+            "rank {r}: waiting for pid {} to re-attach at {}{}",
             s.pid,
-            socket.display()
+            socket.display(),
+            if jobs.is_empty() {
+                String::new()
+            } else {
+                format!(" (now job {})", jobs.join(", "))
+            }
         );
     }
     println!(
