@@ -230,8 +230,6 @@ impl Drop for DeviceCrc {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::emulated::EmulatedBackend;
-    use crate::backend::BackendOptions;
 
     /// The precomputed segment shift combines like crc32fast's general combine.
     #[test]
@@ -252,13 +250,7 @@ mod tests {
     /// kernel's word loop and segment ends, and blob CRCs mixing device and host regions are the host's.
     #[test]
     fn the_crc_kernel_agrees_with_crc32fast() {
-        let b: Arc<dyn Backend> = Arc::new(
-            EmulatedBackend::new_for_tests(&BackendOptions {
-                arena_bytes: 64 << 20,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
+        let b = super::super::tests::emulated(64 << 20);
         let dc = DeviceCrc::new(&b).unwrap();
         let n = (3 * SEGMENT + 123) as usize;
         let data: Vec<u8> = (0..n).map(|i| (i * 131 + i / 7) as u8).collect();

@@ -1416,8 +1416,6 @@ impl Drop for DirectChunks<'_> {
 #[cfg(test)]
 mod chunk_tests {
     use super::*;
-    use crate::backend::emulated::EmulatedBackend;
-    use crate::backend::BackendOptions;
     use std::io::Write;
 
     /// A suspended session's memory file: filled, then drained in place to the device (with a backend), or read as
@@ -1426,13 +1424,7 @@ mod chunk_tests {
     fn blob_fd_drains_what_it_was_filled_with() {
         use super::super::image::consume_blob;
         use super::super::manifest::RegionKind;
-        let b: Arc<dyn Backend> = Arc::new(
-            EmulatedBackend::new_for_tests(&BackendOptions {
-                arena_bytes: 64 << 20,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
+        let b = super::super::tests::emulated(64 << 20);
         let regions: Vec<Region> = [(3 << 20) + 5, 0, 1234]
             .iter()
             .map(|&bytes| Region {
@@ -1517,13 +1509,10 @@ mod chunk_tests {
         f.write_all(&blob).unwrap();
         drop(f);
         let f = File::open(&path).unwrap();
-        let b = EmulatedBackend::new_for_tests(&BackendOptions {
-            arena_bytes: 64 << 20,
-            ..Default::default()
-        })
-        .unwrap();
+        let b = super::super::tests::emulated(64 << 20);
         FORCE_PINNERS.with(|p| p.set(Some(2)));
-        let d = DirectChunks::open(&f, base, total as u64, &b).expect("tmpfs: direct chunks apply");
+        let d =
+            DirectChunks::open(&f, base, total as u64, &*b).expect("tmpfs: direct chunks apply");
         FORCE_PINNERS.with(|p| p.set(None));
         for (off, len) in [
             (0usize, 1 << 20),

@@ -39,9 +39,14 @@ const GLOBALS_PTX: &str = r#"
 "#;
 
 fn backend() -> Arc<dyn Backend> {
+    emulated(1 << 30)
+}
+
+/// An emulated device of `arena_bytes` for the checkpoint module's tests.
+pub(super) fn emulated(arena_bytes: u64) -> Arc<dyn Backend> {
     let opts = BackendOptions {
         device: 0,
-        arena_bytes: 1 << 30,
+        arena_bytes,
         threads: 2,
         ..Default::default()
     };
