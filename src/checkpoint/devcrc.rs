@@ -34,6 +34,17 @@ pub fn enabled() -> bool {
     super::switch("DEVPROXY_DEVICE_CRC", "1")
 }
 
+/// The CRC kernel on `backend` where [`enabled`]; `None` (with a warning that the host computes the `what` CRC
+/// instead) where it is off or cannot be loaded.
+pub fn if_enabled(backend: &Arc<dyn Backend>, what: &str) -> Option<DeviceCrc> {
+    if !enabled() {
+        return None;
+    }
+    DeviceCrc::new(backend)
+        .map_err(|e| tracing::warn!("the host computes the {what} CRC: {e}"))
+        .ok()
+}
+
 /// The CRC kernel loaded on a backend, with its own context, stream and result buffer (all released on drop).
 pub struct DeviceCrc {
     backend: Arc<dyn Backend>,

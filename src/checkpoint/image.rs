@@ -945,8 +945,9 @@ pub fn consume_blob_checked(
 
 /// `DEVPROXY_RESTORE_OVERLAP=1`: each restore worker splits its buffer in two halves and reads the next chunk into
 /// one while the device still copies the other ([`device_write`] starts the copy, the worker completes it before it
-/// reuses the half). Without it a worker's read waits for its previous device write, which on the H100 took ~0.13 s
-/// of each worker's ~0.69 s for 16 GiB. Opt-in until the GPU check's restore drills (`overlap`) have measured it.
+/// reuses the half). Without it a worker's read waits for its previous device write: ~0.13 s of each worker's
+/// 0.69-0.79 s for 16 GiB on the H100 (docs/performance.md, 2026-11-27). Opt-in until the GPU check's restore drills
+/// (`overlap`) have measured it.
 fn restore_overlap() -> bool {
     super::switch("DEVPROXY_RESTORE_OVERLAP", "1")
 }

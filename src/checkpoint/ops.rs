@@ -548,13 +548,7 @@ pub fn restore_state(
             }
         }
         // With `DEVPROXY_DEVICE_CRC=1`, where the device reads the blob in place, it also checksums what it got.
-        let devcrc = super::devcrc::enabled()
-            .then(|| {
-                super::devcrc::DeviceCrc::new(backend)
-                    .map_err(|e| tracing::warn!("the host checks the blob CRC: {e}"))
-                    .ok()
-            })
-            .flatten();
+        let devcrc = super::devcrc::if_enabled(backend, "blob");
         super::phases::mark("objects");
         ready()?;
         // Several reader threads apply chunks at once (see `image::consume_blob`).
